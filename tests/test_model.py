@@ -1,0 +1,317 @@
+"""model.py: shapes, masking, losses, modes, attention implementations and the stated conventions."""
+
+import math
+
+import pytest
+import torch
+
+from model import (PRESETS, M3AE, attention, image_loss, make_config, num_kept, patchify, random_masking,
+                   text_loss, unpatchify)
+
+TEXT_PARAMS = {"text_embed.weight", "enc_text_type", "dec_text_type", "text_mask_token", "text_head.weight",
+               "text_head.bias"}
+IMAGE_PARAMS = {"patch_embed.weight", "patch_embed.bias", "enc_image_type", "dec_image_type", "image_mask_token",
+                "image_head.weight", "image_head.bias"}
+
+
+def tiny(**overrides):
+    return make_config("tiny", **{"vocab_size": 50, "attn_impl": "math", **overrides})
+
+
+def batch(cfg, B=3, seed=0, lengths=None):
+    """Images and captions; caption b has lengths[b] real tokens (ids >= 1) then padding (id 0)."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(B, 3, cfg.image_size, cfg.image_size, generator=g)
+    lengths = lengths if lengths is not None else [cfg.text_len, 5, 0][:B]
+    text = torch.randint(1, cfg.vocab_size, (B, cfg.text_len), generator=g)
+    pad = torch.arange(cfg.text_len)[None, :] >= torch.tensor(lengths)[:, None]  # True = padding
+    return images, text.masked_fill(pad, 0), pad
+
+
+# --- shapes -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_shapes_every_preset(preset):
+    cfg = make_config(preset, attn_impl="sdpa")
+    B = 2
+    # Only tiny is materialised; the others run on the meta device (shapes without memory or compute).
+    device = "cpu" if preset == "tiny" else "meta"
+    with torch.device(device):
+        model = M3AE(cfg)
+        images = torch.randn(B, 3, cfg.image_size, cfg.image_size)
+        text = torch.randint(1, cfg.vocab_size, (B, cfg.text_len))
+        out = model(images, text)
+        enc = model.forward_encoder(images, text)
+        cls, tokens = model.encode(images, text)
+    N, T = cfg.num_patches, cfg.text_len
+    assert enc["x"].shape == (B, 1 + num_kept(N, 0.75) + num_kept(T, 0.75), cfg.emb_dim)
+    assert out["image_pred"].shape == (B, N, cfg.patch_size**2 * 3)
+    assert out["text_logits"].shape == (B, T, cfg.vocab_size)
+    assert out["image_mask"].shape == (B, N) and out["text_mask"].shape == (B, T)
+    assert cls.shape == (B, cfg.emb_dim) and tokens.shape == (B, N + T, cfg.emb_dim)
+
+
+def test_presets_match_paper():
+    widths = {name: (make_config(name).emb_dim, make_config(name).depth, make_config(name).num_heads)
+              for name in ("small", "base", "large", "huge")}
+    assert widths == {"small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16), "huge": (1280, 32, 16)}
+    for name in widths:
+        c = make_config(name)
+        assert (c.dec_emb_dim, c.dec_depth, c.dec_num_heads, c.ln_eps) == (512, 8, 16, 1e-6)
+    with pytest.raises(ValueError, match="unknown config fields"):
+        make_config("tiny", widht=3)
+
+
+def test_vit_base_encoder_is_86m():
+    from model import count_parameters
+
+    n = count_parameters(make_config("base"))["encoder (ViT image path)"]
+    assert 85e6 < n < 87e6
+
+
+# --- patches and masking -------------------------------------------------------------------------------
+
+
+def test_patchify_order_and_inverse():
+    images = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    patches = patchify(images, 2)  # (2, 4, 12)
+    # patch 1 is grid row 0, column 1; its first values are pixel (0, 2) channels 0, 1, 2
+    assert patches[0, 1, :3].tolist() == [images[0, c, 0, 2].item() for c in range(3)]
+    # then pixel (0, 3): (row, col, channel) order
+    assert patches[0, 1, 3].item() == images[0, 0, 0, 3].item()
+    assert torch.equal(unpatchify(patches, 2), images)
+
+
+@pytest.mark.parametrize("L,ratio,keep", [(256, 0.75, 64), (64, 0.75, 16), (64, 0.15, 54), (64, 0.9, 6),
+                                          (64, 0.5, 32), (10, 0.0, 10), (10, 1.0, 0)])
+def test_keep_count_is_floor(L, ratio, keep):
+    assert num_kept(L, ratio) == keep
+    ids_keep, ids_restore, mask = random_masking(4, L, ratio)
+    assert ids_keep.shape == (4, keep)
+    assert (mask.sum(dim=1) == L - keep).all()  # mask: 1 = removed
+
+
+def test_masking_invariants():
+    B, L = 8, 64
+    noise = torch.rand(B, L)
+    ids_keep, ids_restore, mask = random_masking(B, L, 0.75, noise)
+    shuffle = noise.argsort(dim=1)
+    assert torch.equal(shuffle.gather(1, ids_restore), torch.arange(L).expand(B, L))  # ids_restore inverts
+    assert (mask.gather(1, ids_keep) == 0).all()  # kept positions are 0 in the mask
+    assert torch.equal(ids_keep, shuffle[:, :16])  # the lowest-noise positions are kept, in noise order
+    assert len({tuple(row.tolist()) for row in mask}) == B  # different samples, different masks
+    again = random_masking(B, L, 0.75, noise.clone())
+    assert all(torch.equal(a, b) for a, b in zip(again, (ids_keep, ids_restore, mask)))
+    # identical noise rows give the official batch-shared mask
+    _, _, shared = random_masking(B, L, 0.75, noise[:1].expand(B, L))
+    assert (shared == shared[:1]).all()
+
+
+def test_text_masking_counts_padding_and_hides_visible_padding():
+    cfg = tiny()
+    model = M3AE(cfg).eval()
+    images, text, pad = batch(cfg)
+    enc = model.forward_encoder(images, text, pad)
+    # keep = floor(T * 0.25) slots whatever the caption length (padding slots are drawn too)
+    assert enc["x"].shape[1] == 1 + num_kept(cfg.num_patches, 0.75) + num_kept(cfg.text_len, 0.75)
+    # True = padding: rewriting the ids under padding changes nothing the encoder says about other tokens
+    noise_i, noise_t = torch.rand(3, cfg.num_patches), torch.rand(3, cfg.text_len)
+    junk = text.masked_scatter(pad, torch.randint(1, cfg.vocab_size, (int(pad.sum()),)))
+    a = model.forward_encoder(images, text, pad, noise_i, noise_t)
+    b = model.forward_encoder(images, junk, pad, noise_i, noise_t)
+    visible_pad = torch.cat([torch.zeros(3, 1 + num_kept(cfg.num_patches, 0.75), dtype=torch.bool),
+                             pad.gather(1, noise_t.argsort(1)[:, : num_kept(cfg.text_len, 0.75)])], dim=1)
+    assert visible_pad.any()  # the test exercises some visible padding
+    torch.testing.assert_close(a["x"][~visible_pad], b["x"][~visible_pad])
+    # the default padding mask is text == 0
+    c = model.forward_encoder(images, text, None, noise_i, noise_t)
+    torch.testing.assert_close(a["x"], c["x"])
+
+
+# --- losses against hand computations -----------------------------------------------------------------------
+
+
+def test_image_loss_by_hand():
+    pred = torch.tensor([[[1.0, 2.0], [0.0, 0.0], [3.0, 1.0]], [[0.0, 1.0], [2.0, 2.0], [1.0, 1.0]]])
+    target = torch.tensor([[[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]], [[1.0, 1.0], [0.0, 4.0], [1.0, 3.0]]])
+    mask = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])  # 1 = removed
+    # sample 0: patches 0 and 2: ((1+4)/2 + (4+0)/2) / 2 = 2.25; sample 1: patches 1, 2: ((4+4)/2 + (0+4)/2)/2 = 3
+    assert image_loss(pred, target, mask).item() == pytest.approx((2.25 + 3.0) / 2)
+    # norm_pix: each target patch becomes (t - mean) / sqrt(unbiased var + 1e-6)
+    def normed(t):
+        m = sum(t) / len(t)
+        v = sum((x - m) ** 2 for x in t) / (len(t) - 1)
+        return [(x - m) / math.sqrt(v + 1e-6) for x in t]
+    expected = []
+    for b in range(2):
+        errs = [sum((p - t) ** 2 for p, t in zip(pred[b, n].tolist(), normed(target[b, n].tolist()))) / 2
+                for n in range(3) if mask[b, n] == 1]
+        expected.append(sum(errs) / len(errs))
+    assert image_loss(pred, target, mask, norm_pix=True).item() == pytest.approx(sum(expected) / 2, rel=1e-5)
+    # nothing removed: zero, not NaN
+    assert image_loss(pred, target, torch.zeros(2, 3)).item() == 0.0
+
+
+def test_text_loss_by_hand():
+    logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0]],
+                           [[1.0, 1.0, 1.0], [0.0, 2.0, 0.0], [5.0, 0.0, 0.0]]])
+    tokens = torch.tensor([[1, 1, 2], [2, 0, 0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])  # 1 = removed
+    pad = torch.tensor([[False, True, False], [False, True, True]])  # True = padding
+    ce = lambda row, t: math.log(sum(math.exp(x) for x in row)) - row[t]
+    # sample 0: only slot 0 is removed and real; sample 1: only slot 0
+    s0 = ce([2.0, 0.0, 0.0], 1)
+    s1 = ce([1.0, 1.0, 1.0], 2)
+    assert text_loss(logits, tokens, mask, pad).item() == pytest.approx((s0 + s1) / 2, rel=1e-6)
+    # averaging is per sample: a sample with two valid tokens averages them before the batch mean
+    mask2 = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    s0 = (ce([2.0, 0.0, 0.0], 1) + ce([0.0, 0.0, 3.0], 2)) / 2
+    assert text_loss(logits, tokens, mask2, pad).item() == pytest.approx((s0 + s1) / 2, rel=1e-6)
+    # a sample with no valid token adds 0 but still counts in the mean; all-padding gives 0, not NaN
+    all_pad = torch.ones(2, 3, dtype=torch.bool)
+    assert text_loss(logits, tokens, mask, all_pad).item() == 0.0
+    pad_one = torch.tensor([[True, True, True], [False, True, True]])
+    assert text_loss(logits, tokens, mask, pad_one).item() == pytest.approx(s1 / 2, rel=1e-6)
+
+
+def test_forward_loss_is_weighted_sum_of_parts():
+    cfg = tiny(image_loss_weight=1.0, text_loss_weight=0.5)
+    model = M3AE(cfg)
+    images, text, pad = batch(cfg)
+    out = model(images, text, pad)
+    assert out["loss"].item() == pytest.approx(out["image_loss"].item() + 0.5 * out["text_loss"].item(), rel=1e-6)
+    expect_img = image_loss(out["image_pred"], patchify(images, cfg.patch_size), out["image_mask"])
+    expect_txt = text_loss(out["text_logits"], text, out["text_mask"], pad)
+    assert out["image_loss"].item() == pytest.approx(expect_img.item())
+    assert out["text_loss"].item() == pytest.approx(expect_txt.item())
+    norm = M3AE(tiny(norm_pix_loss=True))
+    norm.load_state_dict(model.state_dict())
+    torch.manual_seed(0)
+    a = norm(images, text, pad)
+    assert a["image_loss"].item() == pytest.approx(
+        image_loss(a["image_pred"], patchify(images, cfg.patch_size), a["image_mask"], norm_pix=True).item())
+
+
+# --- modes -------------------------------------------------------------------------------------------------
+
+
+def test_image_only_has_no_hidden_dependence_on_text():
+    cfg = tiny()
+    model = M3AE(cfg)
+    images, _, _ = batch(cfg)
+    noise = torch.rand(3, cfg.num_patches)
+    ref = model(images, image_noise=noise)
+    assert ref["text_logits"] is None and ref["text_mask"] is None and ref["text_loss"].item() == 0.0
+    # a model with a different text path (other vocabulary, other text weights) and the same image weights
+    other = M3AE(tiny(vocab_size=77, text_len=12))
+    image_state = {k: v for k, v in model.state_dict().items() if k not in TEXT_PARAMS}
+    missing, unexpected = other.load_state_dict(image_state, strict=False)
+    assert set(missing) == TEXT_PARAMS and not unexpected
+    out = other(images, image_noise=noise)
+    assert torch.equal(out["image_pred"], ref["image_pred"]) and torch.equal(out["loss"], ref["loss"])
+    assert torch.equal(model.encode(images)[0], other.encode(images)[0])
+
+
+@pytest.mark.parametrize("mode", ["paired", "image", "text"])
+def test_gradients_reach_exactly_the_parameters_a_mode_uses(mode):
+    cfg = tiny()
+    model = M3AE(cfg)
+    images, text, pad = batch(cfg)
+    model(images if mode != "text" else None, text if mode != "image" else None, pad)["loss"].backward()
+    unused = {"paired": set(), "image": TEXT_PARAMS, "text": IMAGE_PARAMS}[mode]
+    for name, p in model.named_parameters():
+        if name in unused:
+            assert p.grad is None, f"{mode} mode sent a gradient to {name}"
+        else:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{mode} mode gave no gradient to {name}"
+
+
+def test_encode_reads_cls_after_final_norm_and_matches_unmasked_encoder():
+    cfg = tiny(image_mask_ratio=0.0, text_mask_ratio=0.0)
+    model = M3AE(cfg)
+    images, text, pad = batch(cfg)
+    cls, tokens = model.encode(images, text, pad)
+    enc = model.forward_encoder(images, text, pad)  # ratio 0: everything, in a shuffled order
+    torch.testing.assert_close(cls, enc["x"][:, 0])
+    # LayerNorm with weight 1 / bias 0 at init: each feature vector has mean 0, variance 1
+    torch.testing.assert_close(cls.mean(-1), torch.zeros(3), atol=1e-5, rtol=0)
+    cls_img, tokens_img = model.encode(images)
+    assert tokens_img.shape == (3, cfg.num_patches, cfg.emb_dim)
+
+
+# --- attention implementations ---------------------------------------------------------------------------
+
+
+def reference_attention(q, k, v, key_padding_mask):
+    """Independent float64 loop over samples: softmax over the visible keys only; no visible key -> 0."""
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for b in range(q.size(0)):
+        keep = ~key_padding_mask[b]
+        if keep.any():
+            s = q[b].double() @ k[b, :, keep].double().transpose(-2, -1) / math.sqrt(q.size(-1))
+            out[b] = s.softmax(-1) @ v[b, :, keep].double()
+    return out
+
+
+def test_attention_implementations_agree_with_padding():
+    torch.manual_seed(0)
+    B, H, T, hs = 4, 2, 9, 8
+    q, k, v = (torch.randn(B, H, T, hs, requires_grad=True) for _ in range(3))
+    pad = torch.zeros(B, T, dtype=torch.bool)
+    pad[1, 5:] = True  # some keys padded
+    pad[2, :] = True  # every key padded (a fully padded caption, text-only mode without CLS)
+    pad[3, ::2] = True
+    ref = reference_attention(q, k, v, pad)
+    results = {}
+    for impl in ("math", "sdpa"):
+        y = attention(q, k, v, pad, impl=impl)
+        assert torch.isfinite(y).all()
+        torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
+        results[impl] = torch.autograd.grad(y.square().sum(), (q, k, v))
+    for gm, gs in zip(results["math"], results["sdpa"]):
+        assert torch.isfinite(gm).all()
+        torch.testing.assert_close(gm, gs, atol=1e-5, rtol=1e-5)
+    assert (attention(q, k, v, pad, impl="math")[2] == 0).all()  # no visible key -> zeros
+    y, w = attention(q, k, v, pad, impl="math", return_weights=True)
+    torch.testing.assert_close(w[[0, 1, 3]].sum(-1), torch.ones(3, H, T))  # rows sum to 1
+    assert (w[1][..., 5:] == 0).all()  # padded keys get no weight
+    with pytest.raises(ValueError, match="math"):
+        attention(q, k, v, pad, impl="sdpa", return_weights=True)
+
+
+def test_model_outputs_agree_across_attention_impls():
+    cfg = tiny()
+    model = M3AE(cfg)
+    images, text, pad = batch(cfg, B=3, lengths=[cfg.text_len, 3, 0])  # one caption fully padded
+    noise = torch.rand(3, cfg.num_patches), torch.rand(3, cfg.text_len)
+    outs = {}
+    for impl in ("math", "sdpa"):
+        model.config.attn_impl = impl
+        outs[impl] = model(images, text, pad, *noise)
+    for key in ("loss", "image_pred", "text_logits"):
+        torch.testing.assert_close(outs["math"][key], outs["sdpa"][key], atol=1e-5, rtol=1e-5)
+
+
+# --- robustness --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["all_padding", "mask_ratio_0", "batch_1", "text_only_all_padding",
+                                  "text_mask_ratio_1", "norm_pix_batch_1"])
+def test_no_nan_or_inf(case):
+    overrides = {"mask_ratio_0": dict(image_mask_ratio=0.0, text_mask_ratio=0.0),
+                 "text_mask_ratio_1": dict(text_mask_ratio=1.0), "norm_pix_batch_1": dict(norm_pix_loss=True)}
+    cfg = tiny(**overrides.get(case, {}))
+    model = M3AE(cfg)
+    B = 1 if "batch_1" in case else 3
+    lengths = [0] * B if "all_padding" in case else [cfg.text_len] * B
+    images, text, pad = batch(cfg, B=B, lengths=lengths)
+    out = model(None if case.startswith("text_only") else images, text, pad)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"])
+    for name, p in model.named_parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all(), name
+    if case == "mask_ratio_0":
+        assert out["loss"].item() == 0.0  # nothing removed, nothing to predict
+    if "all_padding" in case:
+        assert out["text_loss"].item() == 0.0
