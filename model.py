@@ -16,7 +16,7 @@ Conventions, stated once (tests/test_model.py asserts each):
 """
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -501,6 +501,20 @@ class M3AE(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# checkpoints: a dict with at least "model" (state_dict) and "config" (the M3AEConfig fields as a dict);
+# train.py adds optimizer, schedule, step and RNG states. Everything loads with torch.load(weights_only=True).
+
+
+def checkpoint_dict(model, **extra):
+    return {"model": model.state_dict(), "config": asdict(model.config), **extra}
+
+
+def load_model(path, map_location="cpu", **config_overrides):
+    """Build an M3AE from a checkpoint written by train.py or convert.py. Returns (model, checkpoint)."""
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    model = M3AE(M3AEConfig(**{**ckpt["config"], **config_overrides}))
+    model.load_state_dict(ckpt["model"])
+    return model, ckpt
 
 
 def count_parameters(config):

@@ -315,3 +315,14 @@ def test_no_nan_or_inf(case):
         assert out["loss"].item() == 0.0  # nothing removed, nothing to predict
     if "all_padding" in case:
         assert out["text_loss"].item() == 0.0
+
+
+def test_checkpoint_round_trip_loads_with_weights_only(tmp_path):
+    from model import checkpoint_dict, load_model
+
+    model = M3AE(tiny(text_mask_ratio=0.5))
+    torch.save(checkpoint_dict(model, step=7), tmp_path / "ckpt.pt")
+    loaded, ckpt = load_model(tmp_path / "ckpt.pt")
+    assert ckpt["step"] == 7 and loaded.config == model.config
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
