@@ -1,13 +1,39 @@
-"""Weight conversion between the official JAX M3AE (young-geng/m3ae_public) and model.py.
+"""Weight conversion between model.py and the two reference implementations.
 
-Official parameters are flax names joined with "/" (e.g. "encoder/Block_0/Attention_0/Dense_0/kernel");
-a flax Dense kernel is (in, out), the transpose of a torch Linear weight.
+    python convert.py official CKPT OUT.pt      official JAX M3AE (young-geng/m3ae_public): pickle or flat .npz
+    python convert.py mae CKPT OUT.pt           facebookresearch/mae PyTorch checkpoint -> our image path
+    python convert.py to-official OURS.pt OUT   ours -> flat official names (.npz, or a .pkl the official
+                                                scripts' load_checkpoint reads)
+
+Every command builds the model and loads the converted weights with strict=True before writing, so a bad mapping
+fails here, not later in train.py. Errors name the offending parameter (ConversionError). The output is
+model.checkpoint_dict(...), which model.load_model reads with torch.load(weights_only=True).
+
+Official parameters are flax names joined with "/" (e.g. "encoder/Block_0/Attention_0/Dense_0/kernel"); a flax
+Dense kernel is (in, out), the transpose of a torch Linear weight. Reading the official release never runs code
+from the file: see SafeUnpickler.
 """
 
+import argparse
+import ast
+import io
+import math
+import os
+import pickle
 import re
+import sys
+import zipfile
 
 import numpy as np
 import torch
+
+
+class ConversionError(ValueError):
+    """A checkpoint that cannot be converted; the message names the file or parameter at fault."""
+
+
+# -----------------------------------------------------------------------------
+# official names <-> ours
 
 # (official regex, our name template). Applied to the name without its leaf ("kernel", "scale", ...).
 _BLOCK = r"(encoder|decoder)/Block_(\d+)/"
@@ -40,25 +66,74 @@ def official_name_to_ours(name):
     stem, _, leaf = name.rpartition("/")
     if not stem:  # a bare parameter such as cls_token
         stem, leaf = leaf, None
+    if leaf is not None and leaf not in _LEAVES:
+        raise ConversionError(f"unknown official parameter {name!r} (leaf {leaf!r})")
     for pattern, template in OFFICIAL_TO_OURS:
         if re.fullmatch(pattern, stem):
             ours = re.sub(pattern, template, stem)
             return ours if leaf is None else f"{ours}.{_LEAVES[leaf]}"
-    raise KeyError(f"unknown official parameter {name!r}")
+    raise ConversionError(f"unknown official parameter {name!r}")
+
+
+def _invert(pattern, template):
+    """Turn one (official regex, our template) row around: (our regex, official template). The k-th group of
+    the official regex becomes the k-th group of ours, so the table above is written once."""
+    groups = re.findall(r"\(([^)]*)\)", pattern)
+    parts = re.split(r"\\(\d)", template)  # literal, group number, literal, ...
+    ours = "".join(re.escape(p) if i % 2 == 0 else f"({groups[int(p) - 1]})" for i, p in enumerate(parts))
+    k = iter(range(1, len(groups) + 1))
+    official = re.sub(r"\([^)]*\)", lambda m: f"\\{next(k)}", pattern)
+    return ours, official
+
+
+OURS_TO_OFFICIAL = [_invert(p, t) for p, t in OFFICIAL_TO_OURS]
+
+
+def our_name_to_official(name):
+    """'encoder.blocks.0.attn.qkv.weight' -> 'encoder/Block_0/Attention_0/Dense_0/kernel'."""
+    stem, leaf = name, None
+    if name.endswith((".weight", ".bias")):
+        stem, _, leaf = name.rpartition(".")
+    for pattern, template in OURS_TO_OFFICIAL:
+        if re.fullmatch(pattern, stem):
+            official = re.sub(pattern, template, stem)
+            break
+    else:
+        raise ConversionError(f"parameter {name!r} has no official counterpart")
+    if leaf is None:
+        return official
+    if leaf == "bias":
+        return official + "/bias"
+    # a torch "weight" is a flax LayerNorm "scale", an Embed "embedding" or a Dense "kernel"
+    if re.search(r"(^|\.)norm\d?$", stem):
+        return official + "/scale"
+    return official + ("/embedding" if stem == "text_embed" else "/kernel")
 
 
 def official_to_state_dict(params):
     """{official flat name: array} -> {our name: float32 tensor}; Dense kernels are transposed."""
-    state = {}
+    state, source = {}, {}
     for name, value in params.items():
         ours = official_name_to_ours(name)
         if ours in state:
-            raise KeyError(f"two official parameters map to {ours!r}")
+            raise ConversionError(f"official parameters {source[ours]!r} and {name!r} both map to {ours!r}")
         value = np.asarray(value, dtype=np.float32)
         if name.endswith("/kernel"):
+            if value.ndim != 2:
+                raise ConversionError(f"official parameter {name!r}: a Dense kernel must be 2-D, got {value.shape}")
             value = value.T
-        state[ours] = torch.from_numpy(np.ascontiguousarray(value))
+        state[ours], source[ours] = torch.from_numpy(np.ascontiguousarray(value)), name
     return state
+
+
+def ours_to_official(state_dict):
+    """{our name: tensor} -> {official flat name: float32 numpy array}; Linear weights transposed back to kernels."""
+    out = {}
+    for name, value in state_dict.items():
+        official = our_name_to_official(name)
+        value = value.detach().cpu().float().numpy()
+        out[official] = np.ascontiguousarray(value.T if official.endswith("/kernel") else value)
+    return out
 
 
 def config_from_official(official, **overrides):
@@ -71,3 +146,591 @@ def config_from_official(official, **overrides):
             "dec_depth", "dec_num_heads", "mlp_ratio", "image_mask_ratio", "text_mask_ratio")
     fields = {k: official[k] for k in keys if k in official}
     return M3AEConfig(**{**fields, "gelu": "tanh", "ln_eps": 1e-6, **overrides})
+
+
+# -----------------------------------------------------------------------------
+# reading a pickle without running it
+#
+# The official training script saves {"step", "epoch", "variant", "state"} with cloudpickle, where "state" is a
+# flax TrainState holding the parameters (already numpy: it saves jax.device_get(state)) next to the optimizer,
+# whose closures cloudpickle stores *by value*. pickle.load would import flax/optax and rebuild those functions;
+# we want only the arrays. SafeUnpickler materialises numpy arrays and plain containers, turns every other class
+# into an inert StandIn that merely records what pickle hands it, and refuses anything that looks like a function.
+# It never imports a module named by the file: the allowed objects below are fixed in advance.
+
+
+class StandIn:
+    """An object of a class we did not import. It keeps what the pickle gave it (constructor args, __setstate__
+    state, list/dict items) and has no other behaviour; `stand_in.params` reads the recorded state dict."""
+
+    origin = "?"  # "module.Name" of the class it replaces, set on each generated subclass
+
+    def __new__(cls, *args, **kwargs):
+        self = object.__new__(cls)
+        self.__dict__.update(args=args, kwargs=kwargs, state=None, items=[], entries={})
+        return self
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):  # pickle's BUILD
+        self.__dict__["state"] = state
+
+    def append(self, item):  # APPEND(S) on a list subclass
+        self.items.append(item)
+
+    def extend(self, items):
+        self.items.extend(items)
+
+    def __setitem__(self, key, value):  # SETITEM(S) on a dict subclass
+        self.entries[key] = value
+
+    def __getattr__(self, name):  # only reached for names not in __dict__: look in the recorded state
+        state = self.__dict__.get("state")
+        if isinstance(state, tuple) and len(state) == 2:  # (dict state, slot state)
+            state = {**(state[0] or {}), **(state[1] or {})}
+        if isinstance(state, dict) and name in state:
+            return state[name]
+        raise AttributeError(f"stand-in for {self.origin} has no recorded attribute {name!r}")
+
+    def __repr__(self):
+        return f"<stand-in for {self.origin}>"
+
+
+def _numpy_globals():
+    """The numpy callables an array pickle needs, under the module names numpy 1 and numpy 2 write."""
+    try:
+        from numpy._core import multiarray, numeric  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1
+        from numpy.core import multiarray, numeric
+    allowed = {}
+    for mod in ("numpy.core", "numpy._core"):
+        allowed[(f"{mod}.multiarray", "_reconstruct")] = multiarray._reconstruct  # ndarray, protocol <= 4
+        allowed[(f"{mod}.multiarray", "scalar")] = multiarray.scalar  # numpy scalars (e.g. the step)
+        allowed[(f"{mod}.numeric", "_frombuffer")] = numeric._frombuffer  # ndarray, protocol 5 (cloudpickle's)
+    allowed[("numpy", "ndarray")] = np.ndarray
+    allowed[("numpy", "dtype")] = np.dtype
+    return allowed
+
+
+def _latin1_encode(text, encoding="latin1"):
+    """Protocol-2 pickles spell bytes as _codecs.encode(str, 'latin1'); nothing else is allowed."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise ConversionError("refusing _codecs.encode with arguments other than (str, 'latin1')")
+    return text.encode("latin1")
+
+
+def _reconstructor(cls, base, state):
+    """copyreg._reconstructor (protocol 0/1 objects), restricted to building stand-ins."""
+    if not (isinstance(cls, type) and issubclass(cls, StandIn)):
+        raise ConversionError(f"refusing copyreg._reconstructor for {cls!r}")
+    return cls()
+
+
+_SAFE_GLOBALS = {
+    **_numpy_globals(),
+    **{("builtins", t.__name__): t for t in (dict, list, tuple, set, frozenset, bytearray, bytes, str, int, float,
+                                            complex, bool, slice)},
+    ("collections", "OrderedDict"): __import__("collections").OrderedDict,
+    ("_codecs", "encode"): _latin1_encode,
+    ("copyreg", "_reconstructor"): _reconstructor,
+}
+# Modules whose every global is refused even when the name looks like a class: nothing from here belongs in a
+# checkpoint (os.system, subprocess.Popen, builtins.eval, importlib.import_module, ...).
+_REFUSED_MODULES = {"os", "posix", "nt", "subprocess", "sys", "builtins", "__builtin__", "importlib", "shutil",
+                    "runpy", "ctypes", "pickle", "_pickle", "marshal", "code", "pty", "socket", "webbrowser"}
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """pickle.Unpickler whose find_class never imports: numpy arrays and plain containers are real, other
+    classes become StandIn subclasses, functions are refused (ConversionError).
+
+    Without importing a name we cannot ask whether it is a class, so we go by PEP 8: a CapWords name is taken
+    for a class and replaced by a stand-in (which, called or not, runs nothing); any other name is taken for a
+    function and refused. The exception is cloudpickle's own helpers (_make_function, _builtin_type, ...),
+    which rebuild the optimizer's closures in the official TrainState: we need only the parameters, so their
+    calls are recorded as stand-ins and never executed."""
+
+    _classes = {}  # (module, name) -> StandIn subclass, so two references give the same class
+
+    def find_class(self, module, name):
+        if (module, name) in _SAFE_GLOBALS:
+            return _SAFE_GLOBALS[(module, name)]
+        top, last = module.split(".")[0], name.rpartition(".")[2]
+        is_cloudpickle = top == "cloudpickle"
+        looks_like_class = last.lstrip("_")[:1].isupper()  # CapWords, perhaps _Private
+        if top in _REFUSED_MODULES or not (looks_like_class or is_cloudpickle):
+            raise ConversionError(f"refusing to load global {module}.{name}: a checkpoint holds data, and this "
+                                  "looks like a function (or is from a module that must never run while loading)")
+        if is_cloudpickle and name.startswith("_make_skeleton"):
+            return _skeleton_class  # a class built by value: NEWOBJ needs a real type back
+        return self._stand_in_class(module, name)
+
+    @classmethod
+    def _stand_in_class(cls, module, name):
+        key = (module, name)
+        if key not in cls._classes:
+            safe = re.sub(r"\W", "_", name)
+            cls._classes[key] = type(safe, (StandIn,), {"origin": f"{module}.{name}", "__module__": __name__})
+        return cls._classes[key]
+
+    def persistent_load(self, pid):
+        raise ConversionError("refusing a persistent id: not a plain pickle of arrays")
+
+
+def _skeleton_class(*args, **kwargs):
+    """Stand-in for cloudpickle's _make_skeleton_class(type_constructor, name, ...): a fresh StandIn class."""
+    name = args[1] if len(args) > 1 and isinstance(args[1], str) else "by_value_class"
+    return SafeUnpickler._stand_in_class("<pickled by value>", name)
+
+
+def safe_load_pickle(data):
+    """Unpickle bytes with SafeUnpickler. Refusals raise ConversionError; anything unreadable too."""
+    try:
+        return SafeUnpickler(io.BytesIO(data)).load()
+    except ConversionError:
+        raise
+    except Exception as e:  # random bytes can fail in many ways (UnpicklingError, EOFError, KeyError, ...)
+        raise ConversionError(f"not a readable pickle ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _first_line(e):
+    return (str(e).strip().splitlines() or [""])[0][:200]
+
+
+# -----------------------------------------------------------------------------
+# official checkpoint files -> flat {name: array}
+
+
+def _as_mapping(obj):
+    """A dict-like view of a container from the pickle: dicts as they are, stand-ins by what they recorded
+    (a TrainState's attributes, a FrozenDict's wrapped dict)."""
+    if isinstance(obj, dict):
+        return obj
+    if isinstance(obj, StandIn):
+        if isinstance(obj.state, dict):
+            return obj.state
+        if isinstance(obj.state, tuple) and len(obj.state) == 2 and isinstance(obj.state[1], dict):
+            return {**(obj.state[0] or {}), **obj.state[1]}
+        if obj.entries:
+            return obj.entries
+        if len(obj.args) == 1 and isinstance(obj.args[0], dict):  # FrozenDict(dict) and the like
+            return obj.args[0]
+    return None
+
+
+def _flatten(tree, prefix=""):
+    """Nested dicts of arrays -> {"a/b/c": array}. A leaf that is not an array is an error naming its path."""
+    flat = {}
+    for key, value in _as_mapping(tree).items():
+        path = f"{prefix}{key}"
+        if _as_mapping(value) is not None:
+            flat.update(_flatten(value, path + "/"))
+        elif isinstance(value, (np.ndarray, np.generic)):
+            flat[path] = np.asarray(value)
+        else:
+            raise ConversionError(f"official parameter {path!r} is a {type(value).__name__}, not an array")
+    return flat
+
+
+def find_official_params(obj):
+    """The parameter tree of an official checkpoint, whatever its wrapping: the training script's
+    {"state": TrainState} (params under state.params["params"]), a flax variables dict {"params": ...}, or
+    bare parameters. Returns (flat params, metadata dict)."""
+    meta = {}
+    top = _as_mapping(obj)
+    if top is None:
+        raise ConversionError(f"expected a dict of parameters, found {obj!r:.80}")
+    if "state" in top:
+        for key in ("step", "epoch"):
+            if isinstance(top.get(key), (int, np.integer)):
+                meta[key] = int(top[key])
+        if isinstance(top.get("variant"), dict):
+            meta["variant"] = top["variant"]
+        state = _as_mapping(top["state"])
+        if state is None or "params" not in state:
+            raise ConversionError("checkpoint has 'state' but no 'state.params'")
+        top = _as_mapping(state["params"])
+    while top is not None and set(top) == {"params"}:  # flax variables {"params": {...}}
+        top = _as_mapping(top["params"])
+    if top is None:
+        raise ConversionError("official parameters are not a dict")
+    return _flatten(top), meta
+
+
+def read_official(path):
+    """Read an official checkpoint: a flat .npz ("param/params/<path>" keys as the fixture, or plain "<path>";
+    an optional "config" string holds the official config) or a pickle. Returns (flat params, metadata)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConversionError(f"cannot read {path}: {e.strerror}") from None
+    if data[:4] == b"PK\x03\x04":  # a zip: numpy's npz
+        try:
+            f = np.load(io.BytesIO(data), allow_pickle=False)  # no pickled objects from an npz either
+            arrays = {k: f[k] for k in f.files}
+        except (ValueError, OSError, zipfile.BadZipFile) as e:
+            raise ConversionError(f"{path}: unreadable npz ({_first_line(e)})") from None
+        meta = {}
+        if "config" in arrays:
+            meta["config"] = ast.literal_eval(str(arrays.pop("config")))
+        for prefix in ("param/params/", "params/"):
+            if any(k.startswith(prefix) for k in arrays):  # the fixture also holds inputs and outputs: skip them
+                return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}, meta
+        return arrays, meta
+    try:
+        return find_official_params(safe_load_pickle(data))
+    except ConversionError as e:
+        raise ConversionError(f"{path}: {e}") from None
+
+
+# -----------------------------------------------------------------------------
+# config from shapes
+
+# Heads per width in the presets (head dim 64, except huge: 1280 wide, 16 heads of 80). The decoder is 512 wide
+# with 16 heads in every preset. Any other width needs --num-heads/--dec-num-heads or the file's own config.
+ENCODER_HEADS = {384: 6, 768: 12, 1024: 16, 1280: 16}
+DECODER_HEADS = {512: 16}
+
+
+def _heads(width, flag, from_file, table, what, notes):
+    if flag:
+        return flag
+    if from_file:
+        return from_file
+    if width in table:
+        return table[width]
+    if width % 64:
+        raise ConversionError(f"{what} width {width} is not a preset width and not a multiple of 64: pass the "
+                              f"head count with --{what.replace(' ', '-')}")
+    notes.append(f"{what}: width {width} is not a preset width; assumed head dim 64 ({width // 64} heads)")
+    return width // 64
+
+
+def _depth(names, side):
+    blocks = [int(m.group(1)) for n in names if (m := re.match(rf"{side}/Block_(\d+)/", n))]
+    if not blocks:
+        raise ConversionError(f"no {side}/Block_i parameters found")
+    return max(blocks) + 1
+
+
+def _shape(params, name):
+    if name not in params:
+        raise ConversionError(f"missing official parameter {name!r}")
+    return params[name].shape
+
+
+def infer_official_config(params, meta=None, image_size=None, text_len=None, num_heads=None, dec_num_heads=None):
+    """Our config from the shapes of official parameters. Head counts and the image/text geometry are not in
+    the shapes: flags win, then the file's own config (the fixture's "config" entry), then the presets' rule and
+    the defaults (256 px, 64 tokens). Returns (config, notes on what was assumed)."""
+    from model import M3AEConfig
+
+    file_cfg = dict((meta or {}).get("config") or {})
+    variant = (meta or {}).get("variant") or {}
+    # the pickle's "variant" (the training script's flags, or what to-official writes), where it says
+    for ours, theirs in (("image_size", "data.image_size"), ("text_len", "data.tokenizer_max_length"),
+                         ("num_heads", "m3ae.num_heads"), ("dec_num_heads", "m3ae.dec_num_heads")):
+        for key in (ours, theirs):
+            value = variant.get(key)
+            if ours not in file_cfg and isinstance(value, (int, np.integer)) and value > 0:
+                file_cfg[ours] = int(value)
+    notes = []
+    emb_dim = _shape(params, "cls_token")[-1]
+    dec_emb_dim = _shape(params, "decoder_input_projection/kernel")[1]
+    patch_rows = _shape(params, "image_embedding/kernel")[0]
+    patch_size = math.isqrt(patch_rows // 3)
+    if patch_size * patch_size * 3 != patch_rows:
+        raise ConversionError(f"official parameter 'image_embedding/kernel' has {patch_rows} rows, not p*p*3")
+    image_size = image_size or file_cfg.get("image_size") or 256
+    cfg = M3AEConfig(
+        image_size=image_size,
+        patch_size=patch_size,
+        vocab_size=_shape(params, "text_embedding/embedding")[0],
+        text_len=text_len or file_cfg.get("text_len") or 64,
+        emb_dim=emb_dim,
+        depth=_depth(params, "encoder"),
+        num_heads=_heads(emb_dim, num_heads, file_cfg.get("num_heads"), ENCODER_HEADS, "num heads", notes),
+        dec_emb_dim=dec_emb_dim,
+        dec_depth=_depth(params, "decoder"),
+        dec_num_heads=_heads(dec_emb_dim, dec_num_heads, file_cfg.get("dec_num_heads"), DECODER_HEADS,
+                             "dec num heads", notes),
+        mlp_ratio=_shape(params, "encoder/Block_0/TransformerMLP_0/fc1/kernel")[1] / emb_dim,
+        gelu="tanh",  # official numerics (flax nn.gelu)
+        ln_eps=1e-6,
+    )
+    if cfg.image_size % cfg.patch_size:
+        raise ConversionError(f"image size {cfg.image_size} is not a multiple of the patch size {cfg.patch_size}")
+    return cfg, notes
+
+
+# -----------------------------------------------------------------------------
+# building and checking the model
+
+
+def build_model(config, state, allow_missing=False):
+    """M3AE(config) with `state` loaded; every converted tensor must exist in the model with the same shape. With
+    allow_missing, model parameters absent from `state` keep their initialisation; returns (model, missing)."""
+    from model import M3AE
+
+    torch.manual_seed(0)  # parameters a source lacks get a reproducible initialisation
+    model = M3AE(config)
+    expected = model.state_dict()
+    for name, value in state.items():
+        if name not in expected:
+            raise ConversionError(f"converted parameter {name!r} does not exist in the model")
+        if tuple(value.shape) != tuple(expected[name].shape):
+            raise ConversionError(f"shape mismatch for {name!r}: checkpoint {tuple(value.shape)}, "
+                                  f"model {tuple(expected[name].shape)} (config {config.emb_dim}/{config.depth})")
+    missing = [n for n in expected if n not in state]
+    if missing and not allow_missing:
+        raise ConversionError(f"checkpoint lacks {len(missing)} parameters, first {missing[0]!r} "
+                              f"(official {our_name_to_official(missing[0])!r})")
+    full = {**expected, **state}
+    model.load_state_dict(full, strict=True)  # the final word: every key used, none left over
+    return model, missing
+
+
+def convert_official(path, image_size=None, text_len=None, num_heads=None, dec_num_heads=None):
+    """Official checkpoint file -> (model, notes)."""
+    params, meta = read_official(path)
+    config, notes = infer_official_config(params, meta, image_size, text_len, num_heads, dec_num_heads)
+    model, _ = build_model(config, official_to_state_dict(params))
+    return model, notes, meta
+
+
+# -----------------------------------------------------------------------------
+# facebookresearch/mae (timm names) -> our image path
+
+_MAE_RENAMES = [  # (mae regex, our template); the block internals already share timm's names
+    (r"blocks\.(\d+)\.(.+)", r"encoder.blocks.\1.\2"),
+    (r"decoder_blocks\.(\d+)\.(.+)", r"decoder.blocks.\1.\2"),
+    (r"norm\.(weight|bias)", r"encoder.norm.\1"),
+    (r"decoder_norm\.(weight|bias)", r"decoder.norm.\1"),
+    (r"patch_embed\.proj\.bias", "patch_embed.bias"),
+    (r"decoder_embed\.(weight|bias)", r"decoder_embed.\1"),
+    (r"decoder_pred\.(weight|bias)", r"image_head.\1"),
+    (r"mask_token", "image_mask_token"),
+    (r"cls_token", "cls_token"),
+]
+_MAE_FIXED = ("pos_embed", "decoder_pos_embed")  # fixed sin-cos tables: we recompute them
+
+
+def mae_to_state_dict(mae_state):
+    """mae's state_dict -> ours (image path only). The Conv2d patch embedding (D, C, p, p) becomes our Linear
+    over patches flattened (row, col, channel): permute to (D, p, p, C), then flatten."""
+    state = {}
+    for name, value in mae_state.items():
+        if name in _MAE_FIXED:
+            continue
+        value = value.detach().float()
+        if name == "patch_embed.proj.weight":
+            if value.ndim != 4:
+                raise ConversionError(f"mae parameter {name!r} must be a (D, C, p, p) conv weight, got "
+                                      f"{tuple(value.shape)}")
+            state["patch_embed.weight"] = value.permute(0, 2, 3, 1).reshape(value.size(0), -1).contiguous()
+            continue
+        for pattern, template in _MAE_RENAMES:
+            if re.fullmatch(pattern, name):
+                state[re.sub(pattern, template, name)] = value.clone()
+                break
+        else:
+            raise ConversionError(f"unknown mae parameter {name!r}")
+    return state
+
+
+def infer_mae_config(mae_state, image_size=None, vocab_size=None, text_len=None, num_heads=None,
+                     dec_num_heads=None):
+    """Our config for a mae state_dict: widths and depths from shapes, image size from pos_embed (else 224),
+    erf GELU (timm's), and the text geometry from the flags (mae has none). Returns (config, notes)."""
+    from model import M3AEConfig
+
+    def shape(name):
+        if name not in mae_state:
+            raise ConversionError(f"missing mae parameter {name!r}")
+        return tuple(mae_state[name].shape)
+
+    def depth(prefix):
+        ids = [int(m.group(1)) for n in mae_state if (m := re.match(rf"{prefix}\.(\d+)\.", n))]
+        if not ids:
+            raise ConversionError(f"no mae parameters {prefix}.i.* found")
+        return max(ids) + 1
+
+    notes = []
+    D, C, p, _ = shape("patch_embed.proj.weight")
+    Dd = shape("decoder_embed.weight")[0]
+    if "pos_embed" in mae_state:  # (1, 1 + grid**2, D): the grid the model was trained on
+        grid = math.isqrt(shape("pos_embed")[1] - 1)
+        if image_size and image_size != grid * p:
+            notes.append(f"pos_embed says {grid * p} px; using --image-size {image_size}")
+        image_size = image_size or grid * p
+    cfg = M3AEConfig(
+        image_size=image_size or 224,  # mae trains at 224 px
+        patch_size=p,
+        in_chans=C,
+        vocab_size=vocab_size or M3AEConfig.vocab_size,
+        text_len=text_len or 64,
+        emb_dim=D,
+        depth=depth("blocks"),
+        num_heads=_heads(D, num_heads, None, ENCODER_HEADS, "num heads", notes),
+        dec_emb_dim=Dd,
+        dec_depth=depth("decoder_blocks"),
+        dec_num_heads=_heads(Dd, dec_num_heads, None, DECODER_HEADS, "dec num heads", notes),
+        mlp_ratio=shape("blocks.0.mlp.fc1.weight")[0] / D,
+        gelu="none",  # timm's nn.GELU: exact erf, not official's tanh
+        ln_eps=1e-6,
+    )
+    return cfg, notes
+
+
+def load_mae_checkpoint(path):
+    """torch.load with weights_only=True. The real mae checkpoints also store the training argparse.Namespace
+    under "args", which weights_only refuses; we then allow exactly that one class (torch's safe_globals) and
+    nothing else, rather than falling back to an unrestricted load."""
+    import argparse as _argparse
+
+    try:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            if "argparse.Namespace" not in str(e):
+                raise
+            with torch.serialization.safe_globals([_argparse.Namespace]):
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise ConversionError(f"cannot read {path}: {e.strerror or _first_line(e)}") from None
+    except Exception as e:
+        # torch's messages run over many lines; keep the one that says what was wrong
+        lines = [l.strip() for l in str(e).splitlines() if "WeightsUnpickler error" in l or "Unsupported" in l]
+        why = lines[-1] if lines else _first_line(e)
+        raise ConversionError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}: {why[:200]})") from None
+    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConversionError(f"{path}: expected {{'model': state_dict}} or a state_dict of tensors")
+    return state
+
+
+def convert_mae(path_or_state, image_size=None, vocab_size=None, text_len=None, num_heads=None,
+                dec_num_heads=None):
+    """mae checkpoint (path or state_dict) -> (model, notes, missing). The type embeddings of the image path are
+    set to zero, so the image path computes exactly mae's (positions only); the text path stays initialised."""
+    mae_state = load_mae_checkpoint(path_or_state) if isinstance(path_or_state, str) else path_or_state
+    config, notes = infer_mae_config(mae_state, image_size, vocab_size, text_len, num_heads, dec_num_heads)
+    state = mae_to_state_dict(mae_state)
+    state["enc_image_type"] = torch.zeros(1, 1, config.emb_dim)  # mae has no type embeddings
+    state["dec_image_type"] = torch.zeros(1, 1, config.dec_emb_dim)
+    model, missing = build_model(config, state, allow_missing=True)
+    if "pos_embed" in mae_state:  # not used, but a different table would mean a different position convention
+        from model import sincos_2d
+
+        err = (mae_state["pos_embed"][0, 1:].float() - sincos_2d(config.emb_dim, config.grid_size)).abs().max()
+        if err > 1e-4:
+            notes.append(f"WARNING: mae's pos_embed differs from our sin-cos table by {err:.2e}")
+    return model, notes, missing
+
+
+# -----------------------------------------------------------------------------
+# ours -> official files
+
+
+def write_official(ckpt_path, out_path):
+    """Our checkpoint -> the official flat names. .npz: "/"-joined names plus a "config" string; .pkl: the
+    training script's layout, {"step", "epoch", "variant", "state"} with state.params["params"] nested, where
+    state is a types.SimpleNamespace (what official's load_checkpoint/linear_main read: state.params)."""
+    from model import M3AEConfig
+
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        config = M3AEConfig(**ckpt["config"])
+    except Exception as e:
+        raise ConversionError(f"{ckpt_path}: not a checkpoint of ours ({type(e).__name__}: {_first_line(e)})") \
+            from None
+    flat = ours_to_official(ckpt["model"])
+    official_cfg = {k: getattr(config, k) for k in ("emb_dim", "depth", "num_heads", "dec_emb_dim", "dec_depth",
+                                                    "dec_num_heads", "mlp_ratio", "image_size", "patch_size",
+                                                    "text_len", "vocab_size")}
+    if out_path.endswith(".pkl"):
+        import types
+
+        nested = {}
+        for name, value in flat.items():
+            *parents, leaf = name.split("/")
+            node = nested
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = value
+        data = {"step": int(ckpt.get("step", 0) or 0), "epoch": 0, "variant": official_cfg,
+                "state": types.SimpleNamespace(params={"params": nested})}
+        with open(out_path, "wb") as f:
+            pickle.dump(data, f)
+    else:
+        np.savez(out_path, config=np.array(repr(official_cfg)), **flat)
+    return flat, config
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def _save(model, out_path, source):
+    from model import checkpoint_dict
+
+    torch.save(checkpoint_dict(model, source=source), out_path)
+
+
+def _print_config(config):
+    print(f"config: {config.emb_dim}/{config.depth}/{config.num_heads} (width/depth/heads), decoder "
+          f"{config.dec_emb_dim}/{config.dec_depth}/{config.dec_num_heads}, mlp ratio {config.mlp_ratio:g}, "
+          f"{config.image_size} px / patch {config.patch_size}, vocab {config.vocab_size}, text {config.text_len}, "
+          f"gelu {config.gelu}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="convert.py", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_ in (("official", "official JAX checkpoint (pickle or .npz) -> ours"),
+                        ("mae", "facebookresearch/mae checkpoint -> ours (image path)")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("ckpt")
+        p.add_argument("out")
+        p.add_argument("--image-size", type=int, help="default: the file's own, else 256 (official) / 224 (mae)")
+        p.add_argument("--text-len", type=int, help="default: the file's own, else 64")
+        p.add_argument("--num-heads", type=int, help="default: the presets' rule (head dim 64; 1280 -> 16)")
+        p.add_argument("--dec-num-heads", type=int, help="default: 16 for a 512-wide decoder")
+        if name == "mae":
+            p.add_argument("--vocab-size", type=int, help="text vocabulary of the (initialised) text path")
+    p = sub.add_parser("to-official", help="ours -> official flat names (.npz, or .pkl for official scripts)")
+    p.add_argument("ckpt")
+    p.add_argument("out")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.command == "official":
+            model, notes, meta = convert_official(args.ckpt, args.image_size, args.text_len, args.num_heads,
+                                                  args.dec_num_heads)
+            _print_config(model.config)
+            print("\n".join(notes)) if notes else None
+            _save(model, args.out, {"format": "official", "path": os.path.abspath(args.ckpt),
+                                    "step": meta.get("step", -1)})
+        elif args.command == "mae":
+            model, notes, missing = convert_mae(args.ckpt, args.image_size, args.vocab_size, args.text_len,
+                                                args.num_heads, args.dec_num_heads)
+            _print_config(model.config)
+            print("\n".join(notes)) if notes else None
+            print("image/decoder type embeddings set to zero (mae has none): the image path is mae's exactly")
+            print(f"not in the mae checkpoint, left initialised ({len(missing)}): {', '.join(missing)}")
+            _save(model, args.out, {"format": "mae", "path": os.path.abspath(args.ckpt)})
+        else:
+            flat, config = write_official(args.ckpt, args.out)
+            _print_config(config)
+            print(f"wrote {len(flat)} official parameters")
+    except ConversionError as e:
+        print(f"convert.py: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
