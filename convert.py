@@ -254,6 +254,8 @@ class SafeUnpickler(pickle.Unpickler):
     _classes = {}  # (module, name) -> StandIn subclass, so two references give the same class
 
     def find_class(self, module, name):
+        # protocol <= 2 writes Python 2 module names (__builtin__, copy_reg); the base class would map them here
+        module = {"__builtin__": "builtins", "copy_reg": "copyreg"}.get(module, module)
         if (module, name) in _SAFE_GLOBALS:
             return _SAFE_GLOBALS[(module, name)]
         top, last = module.split(".")[0], name.rpartition(".")[2]
@@ -469,24 +471,28 @@ def infer_official_config(params, meta=None, image_size=None, text_len=None, num
 # building and checking the model
 
 
-def build_model(config, state, allow_missing=False):
+def build_model(config, state, allow_missing=False, source_name=None):
     """M3AE(config) with `state` loaded; every converted tensor must exist in the model with the same shape. With
-    allow_missing, model parameters absent from `state` keep their initialisation; returns (model, missing)."""
+    allow_missing, model parameters absent from `state` keep their initialisation; returns (model, missing).
+    source_name(our name) -> the checkpoint's own name, for error messages."""
     from model import M3AE
+
+    def named(name):
+        theirs = source_name(name) if source_name else None
+        return f"{name!r}" + (f" (checkpoint {theirs!r})" if theirs and theirs != name else "")
 
     torch.manual_seed(0)  # parameters a source lacks get a reproducible initialisation
     model = M3AE(config)
     expected = model.state_dict()
     for name, value in state.items():
         if name not in expected:
-            raise ConversionError(f"converted parameter {name!r} does not exist in the model")
+            raise ConversionError(f"converted parameter {named(name)} does not exist in the model")
         if tuple(value.shape) != tuple(expected[name].shape):
-            raise ConversionError(f"shape mismatch for {name!r}: checkpoint {tuple(value.shape)}, "
-                                  f"model {tuple(expected[name].shape)} (config {config.emb_dim}/{config.depth})")
+            raise ConversionError(f"shape mismatch for {named(name)}: converted {tuple(value.shape)}, model "
+                                  f"{tuple(expected[name].shape)} for the inferred config")
     missing = [n for n in expected if n not in state]
     if missing and not allow_missing:
-        raise ConversionError(f"checkpoint lacks {len(missing)} parameters, first {missing[0]!r} "
-                              f"(official {our_name_to_official(missing[0])!r})")
+        raise ConversionError(f"checkpoint lacks {len(missing)} parameter(s), first {named(missing[0])}")
     full = {**expected, **state}
     model.load_state_dict(full, strict=True)  # the final word: every key used, none left over
     return model, missing
@@ -496,7 +502,7 @@ def convert_official(path, image_size=None, text_len=None, num_heads=None, dec_n
     """Official checkpoint file -> (model, notes)."""
     params, meta = read_official(path)
     config, notes = infer_official_config(params, meta, image_size, text_len, num_heads, dec_num_heads)
-    model, _ = build_model(config, official_to_state_dict(params))
+    model, _ = build_model(config, official_to_state_dict(params), source_name=our_name_to_official)
     return model, notes, meta
 
 
@@ -620,7 +626,9 @@ def convert_mae(path_or_state, image_size=None, vocab_size=None, text_len=None, 
     state = mae_to_state_dict(mae_state)
     state["enc_image_type"] = torch.zeros(1, 1, config.emb_dim)  # mae has no type embeddings
     state["dec_image_type"] = torch.zeros(1, 1, config.dec_emb_dim)
-    model, missing = build_model(config, state, allow_missing=True)
+    ours_to_mae = {re.sub(p, t, n): n for n in mae_state for p, t in _MAE_RENAMES if re.fullmatch(p, n)}
+    ours_to_mae["patch_embed.weight"] = "patch_embed.proj.weight"
+    model, missing = build_model(config, state, allow_missing=True, source_name=ours_to_mae.get)
     if "pos_embed" in mae_state:  # not used, but a different table would mean a different position convention
         from model import sincos_2d
 

@@ -1,0 +1,367 @@
+"""convert.py: official <-> ours name mapping, the official pickle/npz readers (and their refusal to run code),
+mae -> ours, error messages, and the command line."""
+
+import argparse
+import collections
+import io
+import math
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import convert
+from convert import (ConversionError, SafeUnpickler, StandIn, build_model, config_from_official, convert_mae,
+                     convert_official, official_name_to_ours, official_to_state_dict, our_name_to_official,
+                     ours_to_official, safe_load_pickle)
+from model import M3AE, load_model, sincos_2d
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURE = os.path.join(ROOT, "tests", "fixtures", "official_m3ae_tiny.npz")
+
+
+def fixture_params():
+    f = np.load(FIXTURE)
+    return {k[len("param/params/"):]: f[k] for k in f.files if k.startswith("param/params/")}
+
+
+def unflatten(flat):
+    nested = {}
+    for name, value in flat.items():
+        *parents, leaf = name.split("/")
+        node = nested
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return nested
+
+
+def fixture_images():
+    return torch.from_numpy(np.load(FIXTURE)["image_nhwc"]).permute(0, 3, 1, 2).contiguous()
+
+
+# -----------------------------------------------------------------------------
+# names
+
+
+def test_round_trip_official_ours_official_is_bit_identical():
+    params = fixture_params()
+    ours = official_to_state_dict(params)
+    # every official name used once, no two onto one, our state_dict covered exactly
+    assert len({official_name_to_ours(n) for n in params}) == len(params) == len(ours)
+    cfg = config_from_official(dict(emb_dim=64, depth=2, num_heads=4, dec_emb_dim=32, dec_depth=2, dec_num_heads=4,
+                                    image_size=32, patch_size=8, text_len=16, vocab_size=100))
+    assert set(ours) == set(M3AE(cfg).state_dict())
+    back = ours_to_official(ours)
+    assert set(back) == set(params)
+    for name, value in params.items():
+        assert back[name].dtype == np.float32 and np.array_equal(back[name], value), name
+        assert our_name_to_official(official_name_to_ours(name)) == name
+
+
+# -----------------------------------------------------------------------------
+# official: npz and pickle through the command line
+
+
+def test_cli_official_npz_reproduces_fixture(tmp_path, capsys):
+    out = str(tmp_path / "ours.pt")
+    assert convert.main(["official", FIXTURE, out]) == 0
+    assert "64/2/4" in capsys.readouterr().out  # the inferred config is printed
+    model, ckpt = load_model(out)  # weights_only=True inside
+    assert ckpt["source"]["format"] == "official"
+    with torch.no_grad():
+        cls, tok = model.encode(fixture_images())
+    expected = torch.from_numpy(np.load(FIXTURE)["representation_image_only"])
+    assert (torch.cat([cls[:, None], tok], 1) - expected).abs().max() <= 1e-5
+
+
+class TrainStateLike:
+    """Stands for flax's TrainState in the pickle: the converter must never import it."""
+
+    def __init__(self, params):
+        self.step = np.int64(7)
+        self.params = params
+        self.opt_state = (collections.OrderedDict(mu=np.zeros(3, np.float32)),)
+
+
+def test_official_pickle_layout_equals_npz(tmp_path):
+    params = fixture_params()
+    data = {"step": 7, "epoch": 1, "variant": {"m3ae.num_heads": 4, "m3ae.dec_num_heads": 4, "data.image_size": 32,
+                                               "data.tokenizer_max_length": 16},
+            "state": TrainStateLike({"params": unflatten(params)})}
+    path = tmp_path / "model.pkl"
+    path.write_bytes(pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL))
+    from_pkl, _, meta = convert_official(str(path))
+    from_npz, _, _ = convert_official(FIXTURE)
+    assert meta["step"] == 7
+    assert from_pkl.config == from_npz.config
+    a, b = from_pkl.state_dict(), from_npz.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bare_nested_params_pickle_with_head_flags(tmp_path):
+    path = tmp_path / "params.pkl"
+    path.write_bytes(pickle.dumps({"params": unflatten(fixture_params())}, protocol=2))
+    model, notes, _ = convert_official(str(path), image_size=32, text_len=16, num_heads=4, dec_num_heads=4)
+    assert (model.config.num_heads, model.config.dec_num_heads, model.config.image_size) == (4, 4, 32)
+    # without flags or a config entry, a 64-wide encoder is assumed to have head dim 64, and said so
+    model, notes, _ = convert_official(str(path), dec_num_heads=4)
+    assert model.config.num_heads == 1 and any("assumed head dim 64" in n for n in notes)
+    assert model.config.image_size == 256 and model.config.text_len == 64  # the documented defaults
+
+
+# -----------------------------------------------------------------------------
+# the restricted unpickler
+
+
+class Unknown:
+    def __init__(self):
+        self.weights = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+        self.tag = "x"
+
+
+class WritesOnConstruction:
+    """A class whose construction has an effect: as a stand-in, constructing it must do nothing."""
+
+    def __init__(self, path):
+        open(path, "w").close()
+
+    def __reduce__(self):
+        return WritesOnConstruction, (self.path,)
+
+
+def write_sentinel(path):
+    open(path, "w").close()
+
+
+class CallsFunction:
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_safe_unpickler_loads_data_and_stand_ins(protocol):
+    obj = {"a": {"b": np.ones((2, 2), np.float32), "c": [np.int32(3), (1.5, "s")]}, "u": Unknown(),
+           "od": collections.OrderedDict(k=np.float64(2.0)), "set": {1, 2}, "dt": np.dtype("float16")}
+    out = safe_load_pickle(pickle.dumps(obj, protocol=protocol))
+    assert np.array_equal(out["a"]["b"], obj["a"]["b"]) and out["a"]["b"].dtype == np.float32
+    assert out["a"]["c"][0] == 3 and out["a"]["c"][1] == (1.5, "s")
+    assert isinstance(out["od"], collections.OrderedDict) and out["set"] == {1, 2} and out["dt"] == np.float16
+    u = out["u"]
+    assert isinstance(u, StandIn) and not isinstance(u, Unknown) and u.origin.endswith("Unknown")
+    assert np.array_equal(u.weights["w"], obj["u"].weights["w"]) and u.tag == "x"
+
+
+@pytest.mark.parametrize("fn", ["os.system", "eval", "test_function"])
+def test_safe_unpickler_refuses_functions_and_runs_nothing(tmp_path, fn):
+    sentinel = tmp_path / "SENTINEL"
+    payload = {"os.system": CallsFunction(os.system, f"touch {sentinel}"),
+               "eval": CallsFunction(eval, f"open({str(sentinel)!r}, 'w')"),
+               "test_function": CallsFunction(write_sentinel, str(sentinel))}[fn]
+    data = pickle.dumps({"params": {"x": np.zeros(1)}, "evil": payload})
+    with pytest.raises(ConversionError, match="refusing to load global"):
+        safe_load_pickle(data)
+    assert not sentinel.exists()
+    # the same payload through the command line: one line, exit code 2, still nothing ran
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(data)
+    assert convert.main(["official", str(path), str(tmp_path / "out.pt")]) == 2
+    assert not sentinel.exists() and not (tmp_path / "out.pt").exists()
+
+
+def test_safe_unpickler_constructs_unknown_classes_inertly(tmp_path):
+    sentinel = tmp_path / "SENTINEL"
+    obj = WritesOnConstruction.__new__(WritesOnConstruction)
+    obj.path = str(sentinel)
+    out = safe_load_pickle(pickle.dumps(obj))
+    assert isinstance(out, StandIn) and out.args == (str(sentinel),) and not sentinel.exists()
+
+
+# -----------------------------------------------------------------------------
+# mae -> ours
+
+
+def mae_pos_embed(dim, grid):
+    """mae's fixed table, written out from its description: (1 + grid**2, dim), a zero row for CLS, then per patch
+    (row-major) the 1D sin|cos embedding of the column in the first half and of the row in the second half."""
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
+
+    def emb_1d(pos):
+        angles = np.outer(pos, omega)
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    rows, cols = np.divmod(np.arange(grid * grid), grid)
+    table = np.concatenate([emb_1d(cols), emb_1d(rows)], axis=1)
+    return torch.from_numpy(np.concatenate([np.zeros((1, dim)), table])[None]).float()
+
+
+def synthetic_mae_state(D=32, depth=2, p=4, img=16, Dd=16, dec_depth=2, C=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g) * 0.2
+    sd = {"cls_token": r(1, 1, D), "pos_embed": mae_pos_embed(D, img // p),
+          "patch_embed.proj.weight": r(D, C, p, p), "patch_embed.proj.bias": r(D),
+          "mask_token": r(1, 1, Dd), "decoder_pos_embed": mae_pos_embed(Dd, img // p)}
+    for prefix, n, d in (("blocks", depth, D), ("decoder_blocks", dec_depth, Dd)):
+        for i in range(n):
+            b = f"{prefix}.{i}."
+            sd.update({b + "norm1.weight": 1 + r(d), b + "norm1.bias": r(d), b + "attn.qkv.weight": r(3 * d, d),
+                       b + "attn.qkv.bias": r(3 * d), b + "attn.proj.weight": r(d, d), b + "attn.proj.bias": r(d),
+                       b + "norm2.weight": 1 + r(d), b + "norm2.bias": r(d), b + "mlp.fc1.weight": r(4 * d, d),
+                       b + "mlp.fc1.bias": r(4 * d), b + "mlp.fc2.weight": r(d, 4 * d), b + "mlp.fc2.bias": r(d)})
+    sd.update({"norm.weight": 1 + r(D), "norm.bias": r(D), "decoder_embed.weight": r(Dd, D),
+               "decoder_embed.bias": r(Dd), "decoder_norm.weight": 1 + r(Dd), "decoder_norm.bias": r(Dd),
+               "decoder_pred.weight": r(p * p * C, Dd), "decoder_pred.bias": r(p * p * C)})
+    return sd
+
+
+def mae_encoder_by_hand(sd, images, num_heads, p):
+    """mae's encoder with no masking, in plain torch ops on the original tensors."""
+
+    def ln(x, prefix):
+        return F.layer_norm(x, x.shape[-1:], sd[prefix + ".weight"], sd[prefix + ".bias"], eps=1e-6)
+
+    def linear(x, prefix):
+        return x @ sd[prefix + ".weight"].T + sd[prefix + ".bias"]
+
+    x = F.conv2d(images, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=p)  # (B, D, g, g)
+    x = x.flatten(2).transpose(1, 2) + sd["pos_embed"][:, 1:]
+    cls = sd["cls_token"] + sd["pos_embed"][:, :1]
+    x = torch.cat([cls.expand(x.size(0), -1, -1), x], dim=1)
+    B, T, D = x.shape
+    i = 0
+    while f"blocks.{i}.norm1.weight" in sd:
+        b = f"blocks.{i}."
+        qkv = linear(ln(x, b + "norm1"), b + "attn.qkv").reshape(B, T, 3, num_heads, D // num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        a = ((q @ k.transpose(-2, -1)) / math.sqrt(D // num_heads)).softmax(-1) @ v
+        x = x + linear(a.transpose(1, 2).reshape(B, T, D), b + "attn.proj")
+        h = linear(ln(x, b + "norm2"), b + "mlp.fc1")
+        h = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))  # exact GELU, as timm's nn.GELU
+        x = x + linear(h, b + "mlp.fc2")
+        i += 1
+    return ln(x, "norm")
+
+
+def test_mae_pos_embed_is_our_sincos_table():
+    for dim, grid in ((32, 4), (768, 14)):
+        table = mae_pos_embed(dim, grid)
+        assert torch.all(table[0, 0] == 0)
+        assert (table[0, 1:] - sincos_2d(dim, grid)).abs().max() < 1e-6
+
+
+def test_mae_mapping_matches_mae_encoder_computed_by_hand():
+    sd = synthetic_mae_state()
+    model, notes, missing = convert_mae(sd, num_heads=4, dec_num_heads=2, vocab_size=50, text_len=8)
+    c = model.config
+    assert (c.image_size, c.patch_size, c.emb_dim, c.depth, c.dec_emb_dim, c.dec_depth, c.gelu) == \
+           (16, 4, 32, 2, 16, 2, "none")
+    assert torch.all(model.enc_image_type == 0) and torch.all(model.dec_image_type == 0)
+    assert torch.equal(model.image_mask_token, sd["mask_token"]) and torch.equal(model.image_head.weight,
+                                                                                  sd["decoder_pred.weight"])
+    assert torch.equal(model.decoder.norm.weight, sd["decoder_norm.weight"])
+    assert set(missing) == {"text_embed.weight", "enc_text_type", "dec_text_type", "text_mask_token",
+                            "text_head.weight", "text_head.bias"}
+    images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        cls, tok = model.encode(images)
+        expected = mae_encoder_by_hand(sd, images, num_heads=4, p=4)
+    assert (torch.cat([cls[:, None], tok], 1) - expected).abs().max() < 1e-5
+
+
+def test_cli_mae_checkpoint_with_argparse_namespace(tmp_path, capsys):
+    sd = synthetic_mae_state()
+    path, out = tmp_path / "mae.pth", tmp_path / "ours.pt"
+    torch.save({"model": sd, "args": argparse.Namespace(model="mae_vit_tiny", lr=1e-3), "epoch": 3}, path)
+    assert convert.main(["mae", str(path), str(out), "--num-heads", "4", "--dec-num-heads", "2",
+                         "--vocab-size", "50"]) == 0
+    printed = capsys.readouterr().out
+    assert "text_embed.weight" in printed and "zero" in printed
+    model, _ = load_model(str(out))
+    assert torch.equal(model.encoder.blocks[1].attn.qkv.weight, sd["blocks.1.attn.qkv.weight"])
+    w = sd["patch_embed.proj.weight"]  # conv (D, C, p, p) -> Linear over (row, col, channel)
+    assert torch.equal(model.patch_embed.weight, w.permute(0, 2, 3, 1).reshape(w.size(0), -1))
+
+
+# -----------------------------------------------------------------------------
+# errors name the parameter
+
+
+def official_npz(tmp_path, params):
+    path = tmp_path / "p.npz"
+    np.savez(path, config=np.array(repr(dict(num_heads=4, dec_num_heads=4, image_size=32, text_len=16))),
+             **{"param/params/" + k: v for k, v in params.items()})
+    return str(path)
+
+
+def test_error_unknown_official_key(tmp_path):
+    params = {**fixture_params(), "encoder/Block_0/Extra_0/kernel": np.zeros((2, 2), np.float32)}
+    with pytest.raises(ConversionError, match="encoder/Block_0/Extra_0/kernel"):
+        convert_official(official_npz(tmp_path, params))
+
+
+def test_error_missing_official_key(tmp_path):
+    params = fixture_params()
+    del params["decoder/Block_1/LayerNorm_1/scale"]
+    with pytest.raises(ConversionError, match="decoder/Block_1/LayerNorm_1/scale"):
+        convert_official(official_npz(tmp_path, params))
+
+
+def test_error_shape_mismatch(tmp_path):
+    params = fixture_params()
+    params["encoder/Block_1/TransformerMLP_0/fc2/kernel"] = np.zeros((255, 64), np.float32)
+    with pytest.raises(ConversionError, match="shape mismatch.*encoder/Block_1/TransformerMLP_0/fc2/kernel"):
+        convert_official(official_npz(tmp_path, params))
+
+
+def test_error_mae_unknown_and_shape():
+    sd = synthetic_mae_state()
+    with pytest.raises(ConversionError, match="blocks.0.attn.q_norm.weight"):
+        convert_mae({**sd, "blocks.0.attn.q_norm.weight": torch.ones(8)}, num_heads=4, dec_num_heads=2)
+    sd["decoder_blocks.1.mlp.fc1.bias"] = torch.zeros(7)
+    with pytest.raises(ConversionError, match="decoder_blocks.1.mlp.fc1.bias"):
+        convert_mae(sd, num_heads=4, dec_num_heads=2)
+
+
+@pytest.mark.parametrize("command,content", [("official", os.urandom(4096)), ("mae", b"just some text\n" * 20)])
+def test_cli_not_a_checkpoint_one_line_exit_2(tmp_path, command, content):
+    path = tmp_path / "junk.bin"
+    path.write_bytes(content)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "convert.py"), command, str(path),
+                        str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("convert.py: error: ") and "Traceback" not in r.stderr
+
+
+# -----------------------------------------------------------------------------
+# ours -> official
+
+
+def test_to_official_round_trip(tmp_path):
+    ours = str(tmp_path / "ours.pt")
+    assert convert.main(["official", FIXTURE, ours]) == 0
+    params = fixture_params()
+    # npz: the flat official names, bit-identical to the fixture's
+    assert convert.main(["to-official", ours, str(tmp_path / "back.npz")]) == 0
+    back = np.load(tmp_path / "back.npz")
+    assert set(back.files) - {"config"} == set(params)
+    assert all(np.array_equal(back[k], v) for k, v in params.items())
+    # pkl: what the official scripts read (data["state"].params["params"], nested) with plain pickle
+    assert convert.main(["to-official", ours, str(tmp_path / "back.pkl")]) == 0
+    with open(tmp_path / "back.pkl", "rb") as f:
+        data = pickle.load(f)
+    kernel = data["state"].params["params"]["encoder"]["Block_0"]["Attention_0"]["Dense_0"]["kernel"]
+    assert np.array_equal(kernel, params["encoder/Block_0/Attention_0/Dense_0/kernel"])
+    # and both read back into the same model
+    for name in ("back.npz", "back.pkl"):
+        model, _, _ = convert_official(str(tmp_path / name))
+        a, b = model.state_dict(), load_model(ours)[0].state_dict()
+        assert model.config == load_model(ours)[0].config and all(torch.equal(a[k], b[k]) for k in a)
