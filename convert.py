@@ -229,8 +229,8 @@ def _reconstructor(cls, base, state):
 
 _SAFE_GLOBALS = {
     **_numpy_globals(),
-    **{("builtins", t.__name__): t for t in (dict, list, tuple, set, frozenset, bytearray, bytes, str, int, float,
-                                            complex, bool, slice)},
+    # containers pickle spells as calls (set([...]) in protocol 2, bytearray(...) in protocol < 5, complex(...))
+    **{("builtins", t.__name__): t for t in (dict, list, tuple, set, frozenset, bytearray, complex)},
     ("collections", "OrderedDict"): __import__("collections").OrderedDict,
     ("_codecs", "encode"): _latin1_encode,
     ("copyreg", "_reconstructor"): _reconstructor,
@@ -431,7 +431,8 @@ def infer_official_config(params, meta=None, image_size=None, text_len=None, num
 
     file_cfg = dict((meta or {}).get("config") or {})
     variant = (meta or {}).get("variant") or {}
-    # the pickle's "variant" (the training script's flags, or what to-official writes), where it says
+    # the pickle's "variant": the training script's flags (its data config has image_size, tokenizer_max_length)
+    # or what to-official writes
     for ours, theirs in (("image_size", "data.image_size"), ("text_len", "data.tokenizer_max_length"),
                          ("num_heads", "m3ae.num_heads"), ("dec_num_heads", "m3ae.dec_num_heads")):
         for key in (ours, theirs):
@@ -718,14 +719,16 @@ def main(argv=None):
             model, notes, meta = convert_official(args.ckpt, args.image_size, args.text_len, args.num_heads,
                                                   args.dec_num_heads)
             _print_config(model.config)
-            print("\n".join(notes)) if notes else None
+            for note in notes:
+                print(note)
             _save(model, args.out, {"format": "official", "path": os.path.abspath(args.ckpt),
                                     "step": meta.get("step", -1)})
         elif args.command == "mae":
             model, notes, missing = convert_mae(args.ckpt, args.image_size, args.vocab_size, args.text_len,
                                                 args.num_heads, args.dec_num_heads)
             _print_config(model.config)
-            print("\n".join(notes)) if notes else None
+            for note in notes:
+                print(note)
             print("image/decoder type embeddings set to zero (mae has none): the image path is mae's exactly")
             print(f"not in the mae checkpoint, left initialised ({len(missing)}): {', '.join(missing)}")
             _save(model, args.out, {"format": "mae", "path": os.path.abspath(args.ckpt)})
