@@ -376,7 +376,10 @@ def read_official(path):
             raise ConversionError(f"{path}: unreadable npz ({_first_line(e)})") from None
         meta = {}
         if "config" in arrays:
-            meta["config"] = ast.literal_eval(str(arrays.pop("config")))
+            try:
+                meta["config"] = dict(ast.literal_eval(str(arrays.pop("config"))))
+            except (ValueError, TypeError, SyntaxError):
+                raise ConversionError(f"{path}: its 'config' entry is not a Python dict literal") from None
         for prefix in ("param/params/", "params/"):
             if any(k.startswith(prefix) for k in arrays):  # the fixture also holds inputs and outputs: skip them
                 return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}, meta
@@ -522,6 +525,18 @@ _MAE_RENAMES = [  # (mae regex, our template); the block internals already share
     (r"cls_token", "cls_token"),
 ]
 _MAE_FIXED = ("pos_embed", "decoder_pos_embed")  # fixed sin-cos tables: we recompute them
+_TEXT_PATH = {"text_embed.weight", "enc_text_type", "dec_text_type", "text_mask_token", "text_head.weight",
+              "text_head.bias"}  # what mae cannot provide
+
+
+def _mae_name(ours):
+    """Our name -> mae's, for error messages (the inverse of _MAE_RENAMES and the patch embedding)."""
+    for a, b in (("encoder.blocks.", "blocks."), ("decoder.blocks.", "decoder_blocks."), ("encoder.norm.", "norm."),
+                 ("decoder.norm.", "decoder_norm."), ("image_head.", "decoder_pred."), ("patch_embed.",
+                 "patch_embed.proj."), ("image_mask_token", "mask_token")):
+        if ours.startswith(a):
+            return b + ours[len(a):]
+    return ours
 
 
 def mae_to_state_dict(mae_state):
@@ -627,9 +642,10 @@ def convert_mae(path_or_state, image_size=None, vocab_size=None, text_len=None, 
     state = mae_to_state_dict(mae_state)
     state["enc_image_type"] = torch.zeros(1, 1, config.emb_dim)  # mae has no type embeddings
     state["dec_image_type"] = torch.zeros(1, 1, config.dec_emb_dim)
-    ours_to_mae = {re.sub(p, t, n): n for n in mae_state for p, t in _MAE_RENAMES if re.fullmatch(p, n)}
-    ours_to_mae["patch_embed.weight"] = "patch_embed.proj.weight"
-    model, missing = build_model(config, state, allow_missing=True, source_name=ours_to_mae.get)
+    model, missing = build_model(config, state, allow_missing=True, source_name=_mae_name)
+    lacking = [n for n in missing if n not in _TEXT_PATH]
+    if lacking:  # only the text path may be missing: an image-path parameter left at its init would be silent
+        raise ConversionError(f"mae checkpoint lacks {len(lacking)} parameter(s), first {_mae_name(lacking[0])!r}")
     if "pos_embed" in mae_state:  # not used, but a different table would mean a different position convention
         from model import sincos_2d
 

@@ -348,10 +348,12 @@ def test_error_shape_mismatch(tmp_path):
         convert_official(official_npz(tmp_path, params))
 
 
-def test_error_mae_unknown_and_shape():
+def test_error_mae_unknown_missing_and_shape():
     sd = synthetic_mae_state()
     with pytest.raises(ConversionError, match="blocks.0.attn.q_norm.weight"):
         convert_mae({**sd, "blocks.0.attn.q_norm.weight": torch.ones(8)}, num_heads=4, dec_num_heads=2)
+    with pytest.raises(ConversionError, match="lacks.*'decoder_norm.bias'"):
+        convert_mae({k: v for k, v in sd.items() if k != "decoder_norm.bias"}, num_heads=4, dec_num_heads=2)
     sd["decoder_blocks.1.mlp.fc1.bias"] = torch.zeros(7)
     with pytest.raises(ConversionError, match="decoder_blocks.1.mlp.fc1.bias"):
         convert_mae(sd, num_heads=4, dec_num_heads=2)
