@@ -123,10 +123,14 @@ def attention(q, k, v, key_padding_mask=None, impl="sdpa", return_weights=False)
     only). A query whose keys are all padding gets zeros (never NaN); in the model this cannot happen
     because CLS is always a visible key.
     impl: "math" (readable reference), "sdpa" (torch's scaled_dot_product_attention), "triton" (our fused
-    kernel in kernels/), "auto" (triton on CUDA, sdpa elsewhere).
+    kernel in kernels/), "auto" (triton on CUDA when the kernel supports the head dim, sdpa otherwise).
     """
     if impl == "auto":
-        impl = "triton" if q.is_cuda else "sdpa"
+        impl = "sdpa"
+        if q.is_cuda:
+            from kernels import HEAD_DIMS  # imported lazily: Triton is only needed on CUDA
+
+            impl = "triton" if q.size(-1) in HEAD_DIMS else "sdpa"  # e.g. huge's head dim 80 falls back to SDPA
     if return_weights and impl != "math":
         raise ValueError("attention weights are only returned by impl='math'")
     if impl == "triton":
