@@ -1,0 +1,251 @@
+"""train.py: optimizer groups, schedule, determinism helpers, and end-to-end runs (resume, SIGKILL, DDP, NaN)."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+from model import M3AE, load_model, make_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A run small enough for CI: tiny preset, 96 built-in pairs, global batch 16 (6 steps an epoch), no workers.
+SMALL = ["--preset", "tiny", "--train-size", "96", "--batch-size", "16", "--workers", "0", "--warmup-steps", "2",
+         "--log-every", "1", "--vocab-size", "256", "--no-probe"]
+
+
+def run(out_dir, *extra):
+    return train.main(SMALL + ["--out-dir", str(out_dir), *extra])
+
+
+def params(out_dir):
+    return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)
+
+
+def test_weight_decay_groups():
+    model = M3AE(make_config("tiny", vocab_size=30))
+    decay, no_decay = train.param_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    exempt = {names[id(p)] for p in no_decay["params"]}
+    assert decayed | exempt == set(names.values()) and not decayed & exempt
+    # decayed: exactly the Linear weights
+    assert decayed == {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) for n in [n + ".weight"]}
+    for name in ("cls_token", "enc_image_type", "enc_text_type", "dec_image_type", "dec_text_type", "image_mask_token",
+                 "text_mask_token", "text_embed.weight", "encoder.norm.weight", "encoder.blocks.0.norm1.weight",
+                 "encoder.blocks.0.attn.qkv.bias", "patch_embed.bias"):
+        assert name in exempt, name
+    for name in ("patch_embed.weight", "encoder.blocks.0.attn.qkv.weight", "decoder.blocks.1.mlp.fc2.weight",
+                 "text_head.weight", "image_head.weight", "decoder_embed.weight"):
+        assert name in decayed, name
+
+
+def test_lr_schedule_values():
+    lr = lambda s: train.lr_at(s, max_lr=1.0, warmup=10, total=110, min_lr=0.1)
+    assert lr(0) == pytest.approx(0.1)  # (step + 1) / warmup
+    assert lr(4) == pytest.approx(0.5)
+    assert lr(9) == pytest.approx(1.0)
+    assert lr(10) == pytest.approx(1.0)  # cosine starts at the peak
+    assert lr(60) == pytest.approx(0.1 + 0.9 * 0.5)  # half way down the cosine
+    assert lr(110) == pytest.approx(0.1)
+    assert lr(35) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.25)))
+    assert all(lr(s) >= lr(s + 1) for s in range(10, 110))
+
+
+def test_linear_scaling_rule_and_flops():
+    c = make_config("base", vocab_size=30522)
+    per_sample = train.train_flops_per_sample(c)
+    # order of magnitude check against the ViT-B/16 rule of thumb: encoder on 81 tokens ~ 3 x 2 x 86M x 81
+    assert 3 * 2 * 85e6 * 81 < per_sample < 3 * 2 * 85e6 * 81 * 4
+
+
+def test_epoch_indices_split_global_batches_across_ranks():
+    n, per_rank, world = 50, 4, 2
+    single, steps1 = train.epoch_indices(n, per_rank * world, 0, 1, seed=3, epoch=1)
+    ranks = [train.epoch_indices(n, per_rank, r, world, seed=3, epoch=1) for r in range(world)]
+    assert steps1 == ranks[0][1] == n // (per_rank * world)
+    for b in range(steps1):
+        union = sorted(k for r in range(world) for k in ranks[r][0][b * per_rank : (b + 1) * per_rank])
+        assert union == sorted(single[b * per_rank * world : (b + 1) * per_rank * world])
+    all_keys = [k for r in range(world) for k in ranks[r][0]]
+    assert len(all_keys) == len(set(all_keys))  # no sample twice in an epoch
+    assert train.epoch_indices(n, 8, 0, 1, 3, 2)[0] != single  # another epoch, another order
+
+
+def test_mix_seed_is_stable_and_distinct():
+    seeds = {train.mix_seed(0, e, i) for e in range(3) for i in range(1000)}
+    assert len(seeds) == 3000 and all(0 <= s < 2**63 for s in seeds)
+    assert train.mix_seed(1, 2, 3) == train.mix_seed(1, 2, 3) != train.mix_seed(1, 3, 2)
+
+
+def test_masking_noise_is_one_global_draw_sliced():
+    full = train.masking_noise(5, 7, 8, slice(0, 8), 16, 4)
+    halves = [train.masking_noise(5, 7, 8, slice(r * 4, r * 4 + 4), 16, 4) for r in range(2)]
+    for part in range(2):  # two ranks with 4 rows each see exactly the rows one process with 8 sees
+        assert torch.equal(torch.cat([h[part] for h in halves]), full[part])
+    assert not torch.equal(train.masking_noise(5, 8, 8, slice(0, 8), 16, 4)[0], full[0])  # next step, new masks
+
+
+# --- end to end ---------------------------------------------------------------------------------------------
+
+
+def test_smoke_run_writes_everything_and_probes(tmp_path):
+    result = train.main(SMALL[:-1] + ["--out-dir", str(tmp_path), "--steps", "3", "--probe-train-size", "64",
+                                      "--probe-test-size", "32"])
+    assert 0.0 <= result["probe_top1"] <= 100.0 and result["steps"] == 3
+    for name in ("ckpt.pt", "config.json", "log.jsonl", "tokenizer.model", "probe.json"):
+        assert (tmp_path / name).exists(), name
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) and r["text_loss"] > 0 and r["images_per_s"] > 0 for r in records)
+    model, ckpt = load_model(tmp_path / "ckpt.pt")  # weights_only
+    assert ckpt["step"] == 3 and set(ckpt) >= {"optimizer", "rng", "epoch", "batch_in_epoch"}
+    assert json.loads((tmp_path / "config.json").read_text())["model"]["vocab_size"] == model.config.vocab_size
+
+
+def test_no_text_trains_the_mae_baseline_and_never_touches_text(tmp_path):
+    run(tmp_path, "--steps", "2", "--text-weight", "0")
+    ckpt = params(tmp_path)
+    assert ckpt["args"]["no_text"]
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert all(r["text_loss"] == 0.0 for r in records)
+    config = load_model(tmp_path / "ckpt.pt")[0].config
+    torch.manual_seed(0)  # train.py builds the model right after seeding with --seed (0)
+    fresh = M3AE(config).state_dict()  # so this is its initial state; the text path must still be there
+    for name in ("text_embed.weight", "text_head.weight", "enc_text_type", "text_mask_token"):
+        assert torch.equal(ckpt["model"][name], fresh[name]), name
+    assert not torch.equal(ckpt["model"]["patch_embed.weight"], fresh["patch_embed.weight"])
+
+
+def test_paired_share_mixes_image_only_and_text_only_samples(tmp_path):
+    run(tmp_path, "--steps", "2", "--paired-share", "0.25")
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(math.isfinite(r["loss"]) and r["text_loss"] > 0 for r in records)
+
+
+def test_csv_data_with_bad_rows_trains_and_counts_skips(tmp_path, capsys):
+    """--data csv end to end: missing and corrupt images are skipped and reported at the end of the epoch; a
+    micro-batch in which every sample is bad becomes a zero-weight step instead of a NaN."""
+    from PIL import Image
+
+    rows = ["filepath,caption"]
+    for i in range(8):
+        Image.new("RGB", (40, 30), (30 * i, 100, 200)).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,a photo number {i} of a blue thing")
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    rows += [f"missing{i}.jpg,a lost photo" for i in range(6)] + ["bad.jpg,a broken photo"] * 2
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    args = ["--data", "csv", "--csv", str(tmp_path / "pairs.csv"), "--batch-size", "4", "--steps", "4"]
+    run(tmp_path / "run", *args)
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(records) == 4 and all(math.isfinite(r["loss"]) for r in records)
+    out = capsys.readouterr()
+    assert "missing 6" in out.out + out.err and "corrupt 2" in out.out + out.err
+    # only bad rows: every step is blank (weight 0), the run still finishes with finite numbers
+    (tmp_path / "bad.csv").write_text("filepath,caption\n" + "missing.jpg,a lost photo\n" * 8)
+    run(tmp_path / "bad", "--data", "csv", "--csv", str(tmp_path / "bad.csv"), "--batch-size", "4", "--steps", "2")
+    records = [json.loads(line) for line in (tmp_path / "bad" / "log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in records] == [0.0, 0.0]
+
+
+def test_resume_is_bit_identical(tmp_path):
+    """K steps, stop, resume (with another worker count) to N == N steps in one go: parameters, optimizer
+    state and data order (the run crosses an epoch boundary after 6 steps)."""
+    run(tmp_path / "once", "--steps", "8")
+    run(tmp_path / "split", "--steps", "8", "--stop-after", "5")
+    assert params(tmp_path / "split")["step"] == 5
+    run(tmp_path / "split", "--steps", "8", "--resume", "--workers", "2")
+    a, b = params(tmp_path / "once"), params(tmp_path / "split")
+    assert a["step"] == b["step"] == 8 and a["epoch"] == b["epoch"] == 1
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    log = [json.loads(line)["loss"] for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
+    assert log == [json.loads(line)["loss"] for line in (tmp_path / "once" / "log.jsonl").read_text().splitlines()]
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    # an absurd learning rate overflows the activations after the first update
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 2"):
+        run(tmp_path, "--steps", "5", "--base-lr", "1e30", "--warmup-steps", "0", "--save-every", "1")
+    ckpt = params(tmp_path)
+    assert ckpt["step"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def _spawn(out_dir, *extra, wrapper=""):
+    """train.py in a child process (optionally with `wrapper` code run first, e.g. to slow its saves)."""
+    code = f"import sys; sys.path.insert(0, {ROOT!r})\n{wrapper}\nimport train; train.main(sys.argv[1:])"
+    return subprocess.Popen([sys.executable, "-c", code, *SMALL, "--out-dir", str(out_dir), *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _wait_for(path, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_sigkill_during_training_and_during_a_save_leaves_a_loadable_checkpoint(tmp_path):
+    # 1. killed while training: the last checkpoint loads and the run resumes from it
+    proc = _spawn(tmp_path, "--steps", "1000", "--save-every", "2")
+    _wait_for(tmp_path / "ckpt.pt", proc)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step = params(tmp_path)["step"]
+    assert step >= 2 and step % 2 == 0
+    run(tmp_path, "--steps", str(step + 2), "--resume", "--save-every", "2")
+    assert params(tmp_path)["step"] == step + 2
+
+    # 2. killed in the middle of writing the second checkpoint: half its bytes are on disk, in the temp file
+    slow = tmp_path / "slow"
+    marker = tmp_path / "half_written"
+    wrapper = f"""
+import io, time, torch
+real_save, calls = torch.save, []
+def slow_save(obj, f, *args, **kwargs):
+    calls.append(1)
+    if len(calls) < 2:
+        return real_save(obj, f, *args, **kwargs)
+    buffer = io.BytesIO()
+    real_save(obj, buffer, *args, **kwargs)
+    f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    f.flush()
+    open({str(marker)!r}, "w").close()
+    time.sleep(600)
+torch.save = slow_save
+"""
+    proc = _spawn(slow, "--steps", "1000", "--save-every", "2", wrapper=wrapper)
+    _wait_for(marker, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert any(name.startswith("ckpt.pt.tmp") for name in os.listdir(slow))  # the torn write is there...
+    assert params(slow)["step"] == 2  # ...and ckpt.pt is still the complete first checkpoint
+    run(slow, "--steps", "4", "--resume", "--save-every", "2")
+    assert params(slow)["step"] == 4
+
+
+def test_ddp_two_gloo_ranks_equal_one_process(tmp_path):
+    args = SMALL + ["--steps", "3", "--device", "cpu"]
+    run(tmp_path / "one", "--steps", "3")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "train.py"), *args, "--out-dir", str(tmp_path / "two")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = params(tmp_path / "one"), params(tmp_path / "two")
+    assert a["step"] == b["step"] == 3
+    for name in a["model"]:
+        torch.testing.assert_close(a["model"][name], b["model"][name], atol=1e-5, rtol=1e-4, msg=name)
+    assert len(b["rng"]) == 2  # one RNG state per rank
