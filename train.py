@@ -32,7 +32,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import M3AE, M3AEConfig, PRESETS, checkpoint_dict, make_config
+import data
+from model import M3AE, PRESETS, checkpoint_dict, make_config
 
 # -----------------------------------------------------------------------------
 # arguments
@@ -239,8 +240,6 @@ def save_atomic(obj, path):
 def build_data(args, image_size, text_len):
     """Returns (tokenizer, pretraining dataset, (probe train, probe test) or None). The pretraining dataset is
     map-style (built-in, CSV, plus text-file / image-dir extras: exact resume) or a stream (webdataset shards)."""
-    import data
-
     if args.data == "builtin":
         pairs = data.Builtin("pretrain", args.train_size, image_size, seed=args.data_seed)
         mean, std = data.BUILTIN_MEAN, data.BUILTIN_STD
@@ -290,8 +289,6 @@ def build_data(args, image_size, text_len):
 @torch.no_grad()
 def features(model, dataset, device, batch_size=256):
     """Frozen CLS features after the final norm, image only, no masking (what the paper's probe reads)."""
-    import data
-
     model.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=data.collate)
     feats, labels = [], []
@@ -395,8 +392,6 @@ def main(argv=None):
         # unpaired data can leave one modality's parameters without a gradient on some rank
         model = DDP(model, device_ids=[device.index] if cuda else None,
                     find_unused_parameters=args.paired_share < 1 or bool(args.text_file or args.image_dir))
-
-    import data
 
     stream = isinstance(dataset, torch.utils.data.IterableDataset)
     if stream and not args.epoch_samples:
