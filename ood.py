@@ -1,0 +1,198 @@
+"""Out-of-distribution detection on a frozen encoder (paper section 4.3) — one flat script.
+
+    python ood.py --ckpt runs/default/ckpt.pt                  # built-in: test split vs the held-out shapes
+    python ood.py --ckpt runs/default/ckpt.pt --random-init    # the floor: same architecture, untrained
+    python ood.py --ckpt ckpt.pt --train-dir cifar10/train --test-dir cifar10/test --ood-dir svhn/test
+
+Features are probe.py's (CLS after the final norm, image only, cached on disk with the same keys, so running
+probe.py first makes the in-distribution ones free). Fit on the in-distribution train split (with labels),
+score the in-distribution test split and the OOD split. Scores, higher = more OOD:
+  mahalanobis           min over classes of the squared Mahalanobis distance to the class mean, one covariance
+                        shared by all classes (Lee et al. 2018)
+  relative_mahalanobis  that minus the squared distance under one Gaussian fitted on all train features,
+                        "background" (Ren et al. 2021)
+  msp                   minus the maximum softmax probability of a linear-probe head trained on the
+                        in-distribution train features with probe.py's fast-mode recipe (Hendrycks & Gimpel 2017)
+Covariances are inverted with a pseudo-inverse that drops eigenvalues below 1e-6 x the largest: the CLS
+feature comes out of a LayerNorm, so its covariance is singular (every feature lies on one hyperplane).
+
+Metrics (numpy, ties handled; tests/test_ood.py checks them against brute-force definitions), in %:
+  convention: positive = in-distribution, the detector's confidence is -score.
+  auroc     P(confidence of an in-distribution sample > that of an OOD sample) + 0.5 P(tie); symmetric, so the
+            same number with OOD as positive and the score as is
+  fpr95     fraction of OOD samples accepted at the threshold that accepts 95% of in-distribution samples
+  aupr_in   average precision with in-distribution as positive (confidence as the ranking)
+  aupr_out  average precision with OOD as positive (score as the ranking)
+"""
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+import probe
+
+# -----------------------------------------------------------------------------
+# metrics: scores of the positive and negative class, higher = more positive
+
+
+def average_ranks(x):
+    """1-based ranks of x in ascending order, tied values sharing their average rank."""
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    first = np.r_[True, xs[1:] != xs[:-1]]  # first element of each run of equal values
+    starts = np.flatnonzero(first)
+    ends = np.r_[starts[1:], len(x)]
+    ranks = np.empty(len(x))
+    ranks[order] = ((starts + ends + 1) / 2)[np.cumsum(first) - 1]  # mean of ranks start+1 .. end
+    return ranks
+
+
+def auroc(pos, neg):
+    """P(pos > neg) + 0.5 P(pos == neg) over all pairs: the Mann-Whitney U statistic from average ranks."""
+    pos, neg = np.asarray(pos, dtype=np.float64), np.asarray(neg, dtype=np.float64)
+    ranks = average_ranks(np.concatenate([pos, neg]))
+    u = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2
+    return u / (len(pos) * len(neg))
+
+
+def counts_at_thresholds(pos, neg):
+    """Every distinct score t, descending, with TP(t) = #pos >= t and FP(t) = #neg >= t: the points of the ROC
+    and precision-recall curves (tied scores enter together, never one at a time)."""
+    scores = np.concatenate([pos, neg]).astype(np.float64)
+    is_pos = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+    order = np.argsort(-scores, kind="mergesort")
+    s, labels = scores[order], is_pos[order]
+    last = np.r_[s[1:] != s[:-1], True]  # last element of each run of equal scores
+    return s[last], np.cumsum(labels)[last], np.cumsum(1 - labels)[last]
+
+
+def fpr_at_tpr(pos, neg, tpr=0.95):
+    """The lowest false-positive rate among thresholds whose true-positive rate is at least `tpr`."""
+    _, tp, fp = counts_at_thresholds(pos, neg)
+    reached = tp >= tpr * len(pos) - 1e-9
+    return (fp[reached] / len(neg)).min()
+
+
+def average_precision(pos, neg):
+    """Sum over distinct thresholds (descending) of (recall step) x precision: the step-wise area under the
+    precision-recall curve, without interpolation (scikit-learn's definition)."""
+    _, tp, fp = counts_at_thresholds(pos, neg)
+    precision, recall = tp / (tp + fp), tp / len(pos)
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def ood_metrics(score_in, score_ood):
+    """All four metrics in % for one score (higher = more OOD); positive = in-distribution (see the docstring)."""
+    conf_in, conf_ood = -np.asarray(score_in, np.float64), -np.asarray(score_ood, np.float64)
+    return dict(auroc=100 * auroc(conf_in, conf_ood), fpr95=100 * fpr_at_tpr(conf_in, conf_ood, 0.95),
+                aupr_in=100 * average_precision(conf_in, conf_ood),
+                aupr_out=100 * average_precision(-conf_ood, -conf_in))
+
+
+# -----------------------------------------------------------------------------
+# scores
+
+
+def fit_gaussians(x, y, rcond=1e-6):
+    """Class means, the shared (within-class) covariance's pseudo-inverse, and the background Gaussian (mean and
+    covariance pseudo-inverse of all of x). Maximum-likelihood covariances (divided by N), in float64."""
+    x, y = np.asarray(x, np.float64), np.asarray(y)
+    classes = np.unique(y)
+    means = np.stack([x[y == k].mean(0) for k in classes])
+    centred = x - means[np.searchsorted(classes, y)]
+    mean0 = x.mean(0)
+    background = x - mean0
+    pinv = lambda c: np.linalg.pinv(c, rcond=rcond, hermitian=True)
+    return dict(means=means, precision=pinv(centred.T @ centred / len(x)), mean0=mean0,
+                precision0=pinv(background.T @ background / len(x)))
+
+
+def squared_mahalanobis(x, means, precision):
+    """(N, K) squared distances of each row of x to each row of means: (x - m)^T P (x - m), expanded as
+    x'Px - 2 x'Pm + m'Pm so that no (N, K, D) array is formed (K may be 1000 classes)."""
+    xp = x @ precision
+    return (xp * x).sum(1)[:, None] - 2 * xp @ means.T + ((means @ precision) * means).sum(1)[None, :]
+
+
+def mahalanobis_scores(g, x):
+    """(Mahalanobis, relative Mahalanobis) scores, higher = more OOD. Relative (Ren et al.): min_k [MD_k - MD_0]
+    = min_k MD_k - MD_0, MD_0 the distance under the background Gaussian."""
+    x = np.asarray(x, np.float64)
+    md = squared_mahalanobis(x, g["means"], g["precision"]).min(1)
+    md0 = squared_mahalanobis(x, g["mean0"][None], g["precision0"])[:, 0]
+    return md, md - md0
+
+
+@torch.no_grad()
+def msp_scores(head, x):
+    """Minus the maximum softmax probability (higher = more OOD)."""
+    return -head(x).softmax(dim=1).max(dim=1).values.double().numpy()
+
+
+# -----------------------------------------------------------------------------
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    probe.add_encoder_args(p)
+    probe.add_data_args(p)
+    probe.add_head_args(p)
+    p.add_argument("--ood-dir", help="folder of OOD images (any layout, read recursively); default: the built-in "
+                   "data's held-out shapes")
+    p.add_argument("--ood-size", type=int, help="built-in data: OOD images (default: the split's 2000)")
+    args = p.parse_args(argv)
+    if not args.ckpt and not args.random_init:
+        p.error("give --ckpt (or --random-init [--preset])")
+    folders = [args.train_dir, args.test_dir, args.ood_dir]
+    if any(folders) and not all(folders):
+        p.error("real data needs all of --train-dir (in-distribution, class folders), --test-dir and --ood-dir")
+    return args
+
+
+def main(argv=None):
+    args = get_args(argv)
+    t0 = time.perf_counter()
+    model, ckpt = probe.load_encoder(args)
+    model_key = probe.weights_hash(model)
+    xtr, ytr, classes = probe.split_features(args, model, ckpt, "train", model_key)
+    x_in, _, _ = probe.split_features(args, model, ckpt, "test", model_key)
+    x_ood, _, _ = probe.split_features(args, model, ckpt, "ood", model_key)
+    t_features = time.perf_counter() - t0
+
+    g = fit_gaussians(xtr.numpy(), ytr.numpy())
+    (md_in, rmd_in), (md_ood, rmd_ood) = mahalanobis_scores(g, x_in.numpy()), mahalanobis_scores(g, x_ood.numpy())
+    recipe = probe.head_recipe(args, 90)
+    head = probe.train_head_on_features(xtr, ytr, len(classes), seed=args.seed, **recipe)
+    scores = {
+        "mahalanobis": ood_metrics(md_in, md_ood),
+        "relative_mahalanobis": ood_metrics(rmd_in, rmd_ood),
+        "msp": ood_metrics(msp_scores(head, x_in), msp_scores(head, x_ood)),
+    }
+    result = dict(
+        ckpt=args.ckpt, random_init=args.random_init, seed=args.seed, model_hash=model_key[:16],
+        data="folder" if args.train_dir else "builtin",
+        data_seed=None if args.train_dir else probe.data_seed(args, ckpt),
+        sizes=dict(in_train=len(xtr), in_test=len(x_in), ood=len(x_ood)), classes=len(classes),
+        convention="positive = in-distribution; scores higher = more OOD; metrics in %",
+        scores=scores, head_recipe=recipe, pretraining=probe.pretraining_info(ckpt),
+        seconds=dict(features=round(t_features, 1), total=round(time.perf_counter() - t0, 1)),
+    )
+    out = probe.out_path_for(args, "ood")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    name = "random-init encoder" if args.random_init else args.ckpt
+    print(f"{name}: OOD detection, {len(x_in)} in-distribution vs {len(x_ood)} OOD test samples "
+          f"(fit on {len(xtr)}) -> {out}")
+    print(f"  {'score':<22}{'AUROC':>8}{'FPR@95':>8}{'AUPR-in':>9}{'AUPR-out':>9}")
+    for name, m in scores.items():
+        print(f"  {name:<22}{m['auroc']:8.2f}{m['fpr95']:8.2f}{m['aupr_in']:9.2f}{m['aupr_out']:9.2f}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
