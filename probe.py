@@ -70,6 +70,7 @@ def add_data_args(p):
     a("--train-size", type=int, help="built-in data: training images (default: the split's 5000)")
     a("--test-size", type=int, help="built-in data: test images (default: the split's 2000)")
     a("--data-seed", type=int, help="built-in data: which procedural dataset (default: the checkpoint's)")
+    a("--data-level", choices=list(data.LEVELS), help="built-in data: difficulty (default: the checkpoint's)")
     a("--norm", default="auto", choices=["auto", *NORMS],
       help="normalisation statistics; auto = those the checkpoint was pretrained with (builtin or cc12m)")
     a("--crop-pct", type=float, help="evaluation centre crop (default 0.875 for folders, 1.0 for built-in)")
@@ -200,6 +201,11 @@ def data_seed(args, ckpt):
     return args.data_seed if args.data_seed is not None else ckpt.get("args", {}).get("data_seed", 0)
 
 
+def data_level(args, ckpt):
+    """The built-in difficulty the checkpoint was pretrained on ("hard" for checkpoints older than the knob)."""
+    return getattr(args, "data_level", None) or ckpt.get("args", {}).get("data_level", "hard")
+
+
 def labelled_source(args, ckpt, which, image_size):
     """(source of dict(image, label), identity string, class names) for split `which` in train/test/ood. The
     built-in data by default; --train-dir/--test-dir (and ood.py's --ood-dir) for real images."""
@@ -210,10 +216,10 @@ def labelled_source(args, ckpt, which, image_size):
         source = data.ImageFolder(folder)
         return source, folder_identity(folder), source.classes
     size = getattr(args, f"{which}_size", None)
-    seed = data_seed(args, ckpt)
-    source = data.Builtin(which, size, image_size, seed=seed)
+    seed, level = data_seed(args, ckpt), data_level(args, ckpt)
+    source = data.Builtin(which, size, image_size, seed=seed, level=level)
     classes = data.Builtin.OOD_CLASSES if which == "ood" else data.Builtin.CLASSES
-    return source, f"builtin:{which}:{len(source)}:{image_size}px:seed{seed}", classes
+    return source, f"builtin:{which}:{len(source)}:{image_size}px:seed{seed}:{level}", classes
 
 
 class Unlabelled(torch.utils.data.Dataset):
@@ -429,7 +435,8 @@ def head_recipe(args, default_epochs=90):
 def pretraining_info(ckpt):
     """What the checkpoint was trained with (from train.py's args), for the result and the sweep table."""
     a = ckpt.get("args", {})
-    keys = ("steps", "seed", "no_text", "text_mask_ratio", "image_mask_ratio", "paired_share", "data", "data_seed")
+    keys = ("steps", "seed", "no_text", "text_mask_ratio", "image_mask_ratio", "paired_share", "data", "data_seed",
+            "data_level")
     return {k: a[k] for k in keys if k in a}
 
 

@@ -57,6 +57,7 @@ def get_args(argv=None):
     # data
     a("--data", default="builtin", choices=["builtin", "wds", "csv"], help="pretraining data source")
     a("--data-seed", type=int, default=0, help="built-in data: which procedural dataset (kept fixed across --seed)")
+    a("--data-level", default="easy", choices=list(data.LEVELS), help="built-in data: difficulty (data.LEVELS)")
     a("--train-size", type=int, default=20000, help="built-in data: pretraining pairs")
     a("--wds-shards", help="webdataset shards: a brace pattern, glob or comma list of .tar files (--data wds)")
     a("--epoch-samples", type=int, help="--data wds: samples per epoch (streams have no length)")
@@ -71,7 +72,7 @@ def get_args(argv=None):
     # optimisation
     a("--batch-size", type=int, default=64, help="global batch (summed over ranks and accumulation steps)")
     a("--grad-accum", type=int, default=1, help="gradient accumulation steps")
-    a("--steps", type=int, default=600, help="optimizer steps in total")
+    a("--steps", type=int, default=1000, help="optimizer steps in total")
     a("--warmup-steps", type=int, default=50, help="linear warmup steps")
     a("--base-lr", type=float, help="lr = base_lr x global batch / 256 (default: 1.5e-4, the paper's; 1.5e-3 for "
                                     "the tiny preset, whose few hundred CPU steps at batch 64 need a larger step)")
@@ -241,7 +242,7 @@ def build_data(args, image_size, text_len):
     """Returns (tokenizer, pretraining dataset, (probe train, probe test) or None). The pretraining dataset is
     map-style (built-in, CSV, plus text-file / image-dir extras: exact resume) or a stream (webdataset shards)."""
     if args.data == "builtin":
-        pairs = data.Builtin("pretrain", args.train_size, image_size, seed=args.data_seed)
+        pairs = data.Builtin("pretrain", args.train_size, image_size, seed=args.data_seed, level=args.data_level)
         mean, std = data.BUILTIN_MEAN, data.BUILTIN_STD
     elif args.data == "csv":
         pairs = data.CsvPairs(args.csv)
@@ -277,7 +278,8 @@ def build_data(args, image_size, text_len):
     probe_sets = None
     if args.data == "builtin":
         evaluate = data.eval_transform(image_size, mean, std, crop_pct=1.0)  # built-in images are already square
-        probe_sets = tuple(data.LabelledDataset(data.Builtin(split, size, image_size, seed=args.data_seed), evaluate)
+        probe_sets = tuple(data.LabelledDataset(data.Builtin(split, size, image_size, seed=args.data_seed,
+                                                                     level=args.data_level), evaluate)
                            for split, size in (("train", args.probe_train_size), ("test", args.probe_test_size)))
     return tokenizer, dataset, probe_sets
 

@@ -71,6 +71,7 @@ def get_args(argv=None):
     a("--first", type=int, default=0, help="built-in data: index of the first sample")
     a("--split", default="test", choices=list(data.Builtin.SPLITS), help="built-in data: which split")
     a("--data-seed", type=int, help="built-in data: which procedural dataset (default: the checkpoint's)")
+    a("--data-level", choices=list(data.LEVELS), help="built-in data: difficulty (default: the checkpoint's)")
     a("--image", action="append", help="an image file to show instead of the built-in data (repeatable)")
     a("--caption", action="append", help="its caption (repeatable, one per --image; none = no caption)")
     a("--other-caption", help="caption mode: the 'different caption' for every sample (default: the next "
@@ -141,7 +142,8 @@ def load_samples(args, ckpt, image_size):
             samples.append(dict(image=image, caption=caption, name=os.path.basename(path), label=None, box=None))
         return samples, f"{len(samples)} image(s) from --image"
     seed = args.data_seed if args.data_seed is not None else ckpt.get("args", {}).get("data_seed", 0)
-    source = data.Builtin(args.split, args.first + args.samples, image_size, seed=seed)
+    level = args.data_level or ckpt.get("args", {}).get("data_level", "hard")  # "hard": checkpoints before the knob
+    source = data.Builtin(args.split, args.first + args.samples, image_size, seed=seed, level=level)
     samples = []
     for i in range(args.first, args.first + args.samples):
         s = source[i]

@@ -117,8 +117,9 @@ def test_feature_cache_hits_and_invalidates_when_the_checkpoint_changes(tmp_path
     calls = []
     real = probe.extract_features
     monkeypatch.setattr(probe, "extract_features", lambda *a, **k: calls.append(1) or real(*a, **k))
-    transform = data.eval_transform(64, data.BUILTIN_MEAN, data.BUILTIN_STD, crop_pct=1.0)
-    dataset = data.LabelledDataset(data.Builtin("test", 6), transform)
+    W = make_config("tiny").image_size
+    transform = data.eval_transform(W, data.BUILTIN_MEAN, data.BUILTIN_STD, crop_pct=1.0)
+    dataset = data.LabelledDataset(data.Builtin("test", 6, W), transform)
     cache = tmp_path / "features"
 
     def features(model, data_key="builtin:test:6"):
@@ -126,7 +127,7 @@ def test_feature_cache_hits_and_invalidates_when_the_checkpoint_changes(tmp_path
 
     a = tiny_model(0, depth=1)
     xa, ya = features(a)
-    assert len(calls) == 1 and xa.shape == (6, 192) and ya.tolist() == [dataset[i]["label"].item() for i in range(6)]
+    assert len(calls) == 1 and xa.shape == (6, a.config.emb_dim) and ya.tolist() == [dataset[i]["label"].item() for i in range(6)]
     xa2, _ = features(a)  # the same weights: read from disk
     assert len(calls) == 1 and torch.equal(xa, xa2)
     assert torch.equal(xa, probe.extract_features(a, dataset)[0])  # the cache holds what extraction gives

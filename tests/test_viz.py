@@ -17,9 +17,11 @@ SAMPLES = 2
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A real train.py run (2 steps of the tiny preset): ckpt.pt, tokenizer.model, config.json."""
+    """A real train.py run (2 steps of the tiny preset at 64 px, 32 tokens: the geometry the sizes below assume):
+    ckpt.pt, tokenizer.model, config.json."""
     out = tmp_path_factory.mktemp("run")
-    train.main(["--preset", "tiny", "--train-size", "64", "--batch-size", "16", "--workers", "0", "--warmup-steps",
+    train.main(["--preset", "tiny", "--image-size", "64", "--text-len", "32", "--train-size", "64", "--batch-size",
+                "16", "--workers", "0", "--warmup-steps",
                 "1", "--vocab-size", "256", "--no-probe", "--steps", "2", "--out-dir", str(out)])
     return out
 
@@ -133,7 +135,7 @@ def test_unnormalise_patches_inverts_the_norm_pix_target():
 
 
 def test_mask_ratios_are_restored():
-    model = M3AE(make_config("tiny", vocab_size=20, depth=1, dec_depth=1))
+    model = M3AE(make_config("tiny", vocab_size=20, depth=1, dec_depth=1, image_size=64, text_len=32))
     before = model.config
     with viz.mask_ratios(model, image=0.5, text=0.0):
         assert model.config.image_mask_ratio == 0.5 and model.config.text_mask_ratio == 0.0
@@ -183,6 +185,6 @@ def test_caption_words_and_pick_word(loaded):
     plain = viz.caption_words(tokenizer, *tokenizer.encode("there is a yellow thing", 32))
     assert plain[viz.pick_word(plain)[0]][0] == "thing"
     assert viz.pick_word(viz.caption_words(tokenizer, *tokenizer.encode("", 32))) == (None, False)
-    tiny = make_config("tiny")  # 64 px, 8 px patches: an 8 x 8 grid
+    tiny = make_config("tiny", image_size=64)  # 64 px, 8 px patches: an 8 x 8 grid
     assert viz.default_patch(dict(box=(40, 8, 56, 24)), tiny) == (2, 6)  # the box's centre (48, 16) px
     assert viz.default_patch(dict(box=None), tiny) == (4, 4)
