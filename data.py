@@ -412,8 +412,9 @@ def _draw_scene(rng, classes, distractor_classes, image_size, lv):
                                 centre=(rng.uniform(lo, hi), rng.uniform(lo, hi)),
                                 rgb=_COLOUR_RGB255[rng.integer(len(_COLOUR_RGB255))],
                                 opacity=rng.uniform(*lv["distractor_opacity"])))
-    s = dict(label=shape, shape=classes[shape], size=size, size_word=("small", "medium", "large")[min(int(3 * u_size), 2)], centre=(cx, cy), angle=angle, direction=direction,
-             colour=_COLOUR_NAMES[colour], cell=(min(int(3 * cy / W), 2), min(int(3 * cx / W), 2)),
+    size_word = ("small", "medium", "large")[min(int(3 * u_size), 2)]
+    s = dict(label=shape, shape=classes[shape], size=size, size_word=size_word, centre=(cx, cy), angle=angle,
+             direction=direction, colour=_COLOUR_NAMES[colour], cell=(min(int(3 * cy / W), 2), min(int(3 * cx / W), 2)),
              background=background, bg_colours=bg_colours, n_distractors=n, distractors=distractors,
              noise=rng.uniform(*lv["noise_sigma"]))
     s["caption"] = _caption(rng, s)
@@ -538,9 +539,9 @@ class Builtin(torch.utils.data.Dataset):
     One main object (label = its shape, an index into CLASSES; for split "ood", into OOD_CLASSES) of
     random colour, size, tilt and position, smaller, fainter distractors of other in-distribution shapes, a
     textured background, gaussian noise; `level` ("easy" or "hard", see LEVELS) sets sizes, counts, noise and
-    which backgrounds. OOD_CLASSES never appear in
-    the other splits, not even as distractors. Returns dict(image=PIL RGB (image_size square),
-    caption=str, label=int, box=(x0, y0, x1, y1) of the main object in pixels).
+    which backgrounds. OOD_CLASSES never appear in the other splits, not even as distractors. Returns
+    dict(image=PIL RGB (image_size square), caption=str, label=int, box=(x0, y0, x1, y1) of the main object in
+    pixels).
     """
 
     CLASSES = ["circle", "square", "triangle", "star", "cross", "heart", "diamond", "ring", "arrow", "crescent"]

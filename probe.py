@@ -193,7 +193,8 @@ def folder_identity(root):
 def normalisation(args, ckpt):
     if args.norm != "auto":
         return NORMS[args.norm]
-    pretrained_on = ckpt.get("args", {}).get("data", "builtin" if not args.train_dir else "cc12m")
+    default = "cc12m" if getattr(args, "train_dir", None) else "builtin"  # viz.py's args have no --train-dir
+    pretrained_on = ckpt.get("args", {}).get("data", default)
     return NORMS["builtin" if pretrained_on == "builtin" else "cc12m"]
 
 

@@ -38,9 +38,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import data
+import probe  # the checkpoint -> data conventions (normalisation, built-in seed and level) are probe.py's
 from model import image_loss, load_model, patchify, unpatchify
-
-NORMS = {"builtin": (data.BUILTIN_MEAN, data.BUILTIN_STD), "cc12m": (data.CC12M_MEAN, data.CC12M_STD)}
 MODES = ("recon", "caption", "attention")  # "all" runs the three; "attention" writes two files
 
 # Default word for the word-attention map: the first word that names a shape in the built-in vocabulary (the
@@ -86,7 +85,7 @@ def get_args(argv=None):
       "training (default: the checkpoint's)")
     a("--caption-text-mask-ratio", type=float, default=0.0, help="caption mode: fraction of text slots removed "
       "(default 0: the whole caption is visible, so the image sees everything the text says)")
-    a("--norm", default="auto", choices=["auto", *NORMS], help="normalisation statistics; auto = those the "
+    a("--norm", default="auto", choices=["auto", *probe.NORMS], help="normalisation statistics; auto = those the "
       "checkpoint was pretrained with (builtin or cc12m)")
     a("--crop-pct", type=float, default=1.0, help="--image: centre crop of the shorter side before resizing")
     a("--scale", type=int, help="display magnification of the images (default: up to 256 px, e.g. 4 x 64 px)")
@@ -120,13 +119,6 @@ def load_tokenizer(args, ckpt, config):
     raise SystemExit(f"no tokenizer found (tried {[c for c in candidates if c]}); pass --tokenizer")
 
 
-def normalisation(args, ckpt):
-    """(mean, std) the checkpoint was pretrained with: built-in statistics for built-in runs, CC12M's otherwise."""
-    if args.norm != "auto":
-        return NORMS[args.norm]
-    return NORMS["builtin" if ckpt.get("args", {}).get("data", "builtin") == "builtin" else "cc12m"]
-
-
 def load_samples(args, ckpt, image_size):
     """(samples, description). A sample is dict(image=PIL RGB, caption=str, name=str, label=int or None,
     box=(x0, y0, x1, y1) of the main object in image pixels, or None). --image files if given, else built-in
@@ -141,8 +133,7 @@ def load_samples(args, ckpt, image_size):
                 raise SystemExit(f"{path}: cannot read the image ({e.reason})") from None
             samples.append(dict(image=image, caption=caption, name=os.path.basename(path), label=None, box=None))
         return samples, f"{len(samples)} image(s) from --image"
-    seed = args.data_seed if args.data_seed is not None else ckpt.get("args", {}).get("data_seed", 0)
-    level = args.data_level or ckpt.get("args", {}).get("data_level", "hard")  # "hard": checkpoints before the knob
+    seed, level = probe.data_seed(args, ckpt), probe.data_level(args, ckpt)
     source = data.Builtin(args.split, args.first + args.samples, image_size, seed=seed, level=level)
     samples = []
     for i in range(args.first, args.first + args.samples):
@@ -782,7 +773,7 @@ def main(argv=None):
     c = model.config
     tokenizer = load_tokenizer(args, ckpt, c)
     samples, source = load_samples(args, ckpt, c.image_size)
-    mean, std = normalisation(args, ckpt)
+    mean, std = probe.normalisation(args, ckpt)
     batch = make_batch(samples, tokenizer, c.text_len, data.eval_transform(c.image_size, mean, std, args.crop_pct))
     view = View(mean, std, args.scale or max(1, 256 // c.image_size), c.image_size)
     noise = masking_noise(args.seed, len(samples), c.num_patches, c.text_len)
