@@ -100,6 +100,11 @@ def test_smoke_run_writes_everything_and_probes(tmp_path):
     result = train.main(SMALL[:-1] + ["--out-dir", str(tmp_path), "--steps", "3", "--probe-train-size", "64",
                                       "--probe-test-size", "32"])
     assert 0.0 <= result["probe_top1"] <= 100.0 and result["steps"] == 3
+    # the quick probe is probe.py's fast mode: the same number from the same checkpoint, images and seed
+    import probe
+
+    full = probe.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--train-size", "64", "--test-size", "32"])
+    assert full["top1"] == result["probe_top1"]
     for name in ("ckpt.pt", "config.json", "log.jsonl", "tokenizer.model", "probe.json"):
         assert (tmp_path / name).exists(), name
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
