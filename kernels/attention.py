@@ -151,6 +151,9 @@ def _attn_fwd_kernel(
     SCAN_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # torch.compile's launch of a user kernel types Python-float arguments as fp64 (torch 2.11): pin fp32,
+    # or the loop-carried max/sum would change type (a compile error) and the math would run in fp64.
+    qk_scale = tl.cast(qk_scale, tl.float32)
     # 1D grid, query blocks fastest: neighbouring programs share one (b, h) and so its K/V in L2
     num_m = tl.cdiv(N_Q, BLOCK_M)
     pid = tl.program_id(0)
@@ -218,6 +221,7 @@ def _attn_bwd_dq_kernel(
     SCAN_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    sm_scale, qk_scale = tl.cast(sm_scale, tl.float32), tl.cast(qk_scale, tl.float32)  # fp32: see _attn_fwd_kernel
     num_m = tl.cdiv(N_Q, BLOCK_M)
     pid = tl.program_id(0)
     pid_m = pid % num_m
@@ -278,6 +282,7 @@ def _attn_bwd_dkdv_kernel(
     SCAN_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    sm_scale, qk_scale = tl.cast(sm_scale, tl.float32), tl.cast(qk_scale, tl.float32)  # fp32: see _attn_fwd_kernel
     num_n = tl.cdiv(N_K, BLOCK_N)
     pid = tl.program_id(0)
     pid_n = pid % num_n
@@ -344,7 +349,9 @@ def _empty_bnhd(B, H, N, D, like):
 def _mask_args(q, key_padding_mask, key_lengths):
     """(mode, mask pointer, lengths pointer, mask strides). An unused pointer gets q: never dereferenced."""
     if key_padding_mask is not None:
-        mask = key_padding_mask.view(torch.uint8)  # same bytes; an explicit byte type for the kernel
+        # passed as bool (Triton loads it as bytes). Not .view(torch.uint8): inductor (torch 2.11) cannot
+        # lower a bool -> uint8 view, so torch.compile failed on it (seen on an H200, 2026-11-26).
+        mask = key_padding_mask
         return BOOL_MASK, mask, q, mask.stride(0), mask.stride(1)
     if key_lengths is not None:
         return LENGTHS, q, key_lengths, 0, 0

@@ -2,6 +2,7 @@
 
     python kernels/bench.py                      # CUDA: B=256, bf16, encoder and decoder shapes
     python kernels/bench.py --batch 64 --dtype fp16
+    python kernels/bench.py --profile            # CUDA: where an eager call's time goes (torch.profiler)
     python kernels/bench.py --smoke              # tiny shapes; on a machine without CUDA through Triton's
                                                  # interpreter, so the script is exercised by the tests
 
@@ -129,7 +130,8 @@ def time_ms(fn, grad_to_none, smoke, cuda_graph=False):
     return triton.testing.do_bench(fn, warmup=25, rep=200, grad_to_none=grad_to_none, return_mode="median")
 
 
-def run_case(case, batch, dtype, device, smoke, cuda_graph=False, seed=0):
+def make_inputs(case, batch, dtype, device, seed=0):
+    """pad (B, N) bool, the q/k/v leaves (B, N, H, D) and dout (B, H, N, D) for one case."""
     name, H, D, n_image, n_text, kind = case
     N = 1 + n_image + n_text
     g = torch.Generator().manual_seed(seed)
@@ -137,6 +139,13 @@ def run_case(case, batch, dtype, device, smoke, cuda_graph=False, seed=0):
     # (B, N, H, D) leaves, used as (B, H, N, D) views: model.py's layout
     leaves = [torch.randn(batch, N, H, D, generator=g).to(device, dtype).requires_grad_() for _ in range(3)]
     dout = torch.randn(batch, H, N, D, generator=g).to(device, dtype)
+    return pad, leaves, dout
+
+
+def run_case(case, batch, dtype, device, smoke, cuda_graph=False, seed=0):
+    name, H, D, n_image, n_text, kind = case
+    N = 1 + n_image + n_text
+    pad, leaves, dout = make_inputs(case, batch, dtype, device, seed)
 
     def qkv():
         return [t.transpose(1, 2) for t in leaves]
@@ -190,6 +199,27 @@ def run_case(case, batch, dtype, device, smoke, cuda_graph=False, seed=0):
                 visible=f"{(~pad).float().mean().item():.0%} of keys visible")
 
 
+def profile_eager(batch, dtype, device, calls=20):
+    """Where an eager forward+backward of ours (mask) spends its time at the encoder shape: torch.profiler's
+    table, sorted by self CPU time. At this size the GPU work is ~0.2 ms, so CPU costs per call show."""
+    from torch.profiler import ProfilerActivity, profile
+
+    pad, leaves, dout = make_inputs(CASES[0], batch, dtype, device)
+
+    def fwd_bwd():
+        ours_mask(*[t.transpose(1, 2) for t in leaves], pad).backward(dout)
+
+    for _ in range(3):  # warm-up: autotuning and compilation stay out of the profile
+        fwd_bwd()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fwd_bwd()
+        torch.cuda.synchronize()
+    return (f"profile: {calls} eager forward+backward calls of ours (mask), encoder shape, batch {batch}\n"
+            + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
+
+
 def table(result, judge=True):
     base = {lab: (tf, tfb) for lab, tf, tfb, _ in result["rows"]}["sdpa (mask)"]
     f1, f2 = result["fwd_flop"], 3.5 * result["fwd_flop"]
@@ -226,12 +256,18 @@ def main(argv=None):
     ap.add_argument("--cuda-graph", action="store_true",
                     help="time CUDA-graph replays (triton.testing.do_bench_cudagraph): GPU time without the CPU "
                          "cost of launching, which at the encoder's size (~20 us of GPU work) can dominate")
+    ap.add_argument("--profile", action="store_true",
+                    help="CUDA: instead of the table, profile eager calls of ours (where the CPU time goes)")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     batch = args.batch or (2 if args.smoke else 256)
     dtype = DTYPES[args.dtype]
     if not cuda and not args.smoke:
         raise SystemExit("no CUDA device: only --smoke runs here (timings would be the interpreter's)")
+    if args.profile:
+        text = profile_eager(batch, dtype, "cuda")
+        print(text)
+        return text
     import triton
 
     device = "cuda" if cuda else "cpu"

@@ -36,8 +36,10 @@ PTR_TYPE = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 TORCH_DTYPE = {"bf16": A.torch.bfloat16, "fp16": A.torch.float16, "fp32": A.torch.float32}
 
 
-def signature(fn, dtype, mode, head_dim, block_m, block_n):
-    """(signature, constexprs, attrs) for ASTSource, as a launch from attention.py would specialise them."""
+def signature(fn, dtype, mode, head_dim, block_m, block_n, scale_type="fp32"):
+    """(signature, constexprs, attrs) for ASTSource, as a launch from attention.py would specialise them.
+    scale_type: how the float scale arguments arrive; fp32 from an eager launch, fp64 from torch.compile's
+    launch of a user kernel (torch 2.11)."""
     sig, attrs = {}, {}
     consts = dict(HEAD_DIM=head_dim, MODE=mode, DOT_PRECISION=A._dot_precision(TORCH_DTYPE[dtype]), UPCAST_DOT=False,
                   SCAN_BLOCK=A._scan_block(321, mode), BLOCK_M=block_m, BLOCK_N=block_n)  # 321: M3AE's decoder
@@ -48,7 +50,7 @@ def signature(fn, dtype, mode, head_dim, block_m, block_n):
             sig[name] = "constexpr"
             consts[name] = 1
         elif name in DATA_PTRS or name in ("LSE", "DELTA", "MASK", "LENS"):
-            sig[name] = {"LSE": "*fp32", "DELTA": "*fp32", "MASK": "*u8", "LENS": "*i64"}.get(name, PTR_TYPE[dtype])
+            sig[name] = {"LSE": "*fp32", "DELTA": "*fp32", "MASK": "*i1", "LENS": "*i64"}.get(name, PTR_TYPE[dtype])
             attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
         elif name.startswith("stride"):
             sig[name] = "i32"
@@ -56,7 +58,7 @@ def signature(fn, dtype, mode, head_dim, block_m, block_n):
         elif name in ("H", "N_Q", "N_K"):
             sig[name] = "i32"
         elif name in ("qk_scale", "sm_scale"):
-            sig[name] = "fp32"
+            sig[name] = scale_type
         else:
             raise ValueError(f"compile_check does not know kernel argument {name!r}")
     return sig, consts, attrs
@@ -87,9 +89,10 @@ def inspect_cubin(cubin):
     return regs, stack, hgmma
 
 
-def compile_one(kernel, dtype, mode, head_dim, config, arch):
+def compile_one(kernel, dtype, mode, head_dim, config, arch, scale_type="fp32"):
     fn = kernel.fn  # the JITFunction behind the autotuner
-    sig, consts, attrs = signature(fn, dtype, mode, head_dim, config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"])
+    sig, consts, attrs = signature(fn, dtype, mode, head_dim, config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"],
+                                   scale_type)
     compiled = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
     return compiled.metadata.shared, *inspect_cubin(compiled.asm["cubin"])
@@ -103,9 +106,12 @@ def main(argv=None):
                     help="0: no mask, 1: key_lengths, 2: boolean mask")
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100/H200")
     ap.add_argument("--quick", action="store_true", help="only the first config of each kernel")
+    ap.add_argument("--scale-type", default="fp32", choices=["fp32", "fp64"],
+                    help="type of the float scale arguments: fp32 as an eager launch passes them, fp64 as "
+                         "torch.compile (torch 2.11) passes them to a user kernel")
     args = ap.parse_args(argv)
 
-    print(f"triton {triton.__version__}, target sm_{args.arch}\n")
+    print(f"triton {triton.__version__}, target sm_{args.arch}, scale arguments {args.scale_type}\n")
     print("| kernel | dtype | D | mode | BLOCK_M x BLOCK_N | warps | stages | regs | spill B | smem KB | HGMMA |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     failures, rows = 0, []
@@ -118,7 +124,8 @@ def main(argv=None):
                         label = (f"| {name} | {dtype} | {head_dim} | {mode} | {cfg.kwargs['BLOCK_M']} x "
                                  f"{cfg.kwargs['BLOCK_N']} | {cfg.num_warps} | {cfg.num_stages} |")
                         try:
-                            smem, regs, stack, hgmma = compile_one(kernel, dtype, mode, head_dim, cfg, args.arch)
+                            smem, regs, stack, hgmma = compile_one(kernel, dtype, mode, head_dim, cfg, args.arch,
+                                                                     args.scale_type)
                         except Exception as e:  # report every failure, then exit 1
                             failures += 1
                             print(f"{label} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:200]} |||||")

@@ -318,14 +318,15 @@ def test_kernels_compile_for_sm90_without_a_gpu():
         pytest.skip("this Triton build has no bundled ptxas")
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     rows = []
-    # bf16 in every padding form; fp32 (tf32x3 products, another code path) with the boolean mask only
-    for dtype, modes in (("bf16", ["0", "1", "2"]), ("fp32", ["2"])):
+    # bf16 in every padding form; fp32 (tf32x3 products, another code path) with the boolean mask only;
+    # bf16 again with the scales typed fp64, as torch.compile passes them (a compile error until pinned to fp32)
+    for dtype, modes, scale in (("bf16", ["0", "1", "2"], "fp32"), ("fp32", ["2"], "fp32"), ("bf16", ["2"], "fp64")):
         cmd = [sys.executable, os.path.join(ROOT, "kernels", "compile_check.py"), "--quick", "--dtype", dtype,
-               "--head-dims", "64", "--modes", *modes]
+               "--head-dims", "64", "--modes", *modes, "--scale-type", scale]
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
         rows += [line.split("|") for line in res.stdout.splitlines() if line.startswith(("| fwd", "| bwd"))]
-    assert len(rows) == 3 * 3 + 3
+    assert len(rows) == 3 * 3 + 3 + 3
     for row in rows:
         kernel, dtype, hgmma, spill = row[1].strip(), row[2].strip(), row[11].strip(), row[9].strip()
         if hgmma != "None":
