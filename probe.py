@@ -505,6 +505,7 @@ VARIANTS = {
     "text015": "M3AE, text mask 0.15",
     "paired10": "M3AE, 10% paired",
     "paired0": "M3AE, 0% paired",
+    "textw2": "M3AE, text loss weight 2.0 (not the paper's 0.5)",
     "random": "random-init encoder (floor)",
 }
 ORDERINGS = [  # (what, metric, better variant, worse variant, the paper's numbers)

@@ -232,3 +232,30 @@ def test_table_aggregates_seeds_and_checks_orderings(tmp_path):
     assert "| 2. text mask 0.75 > 0.15, linear probe | 64.1 vs 53.3 | 51.0 ± 1.0 vs 55.0 ± 0.0 | **no** | 0/3 |" \
         in table
     assert "| 3. paired 10% > 0%, linear probe | 53.3 vs 45.2 | not run |" in table
+
+
+def test_sweep_script_runs_jobs_in_parallel_and_writes_the_table(tmp_path):
+    """sweep.sh end to end at toy sizes: two runs at a time (xargs), a log per run, the floors after the
+    runs, the table last; and a failing run stops the sweep with its log's tail."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PY": sys.executable, "STEPS": "2", "SEEDS": "0", "VARIANTS": "m3ae mae", "JOBS": "2",
+           "OUT": str(tmp_path / "sweep"), "TRAIN_ARGS": "--train-size 64 --batch-size 16 --warmup-steps 1",
+           "EVAL_ARGS": "--train-size 40 --test-size 20 --epochs 2", "OOD_ARGS": "--ood-size 20"}
+    env.pop("OMP_NUM_THREADS", None)
+    res = subprocess.run(["bash", os.path.join(root, "sweep.sh")], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert f"2 jobs x {max(1, len(os.sched_getaffinity(0)) // 2)} threads" in res.stdout
+    done = [line.split()[2] for line in res.stdout.splitlines() if " done " in line]
+    assert sorted(done[:2]) == ["m3ae_s0", "mae_s0"] and done[2] == "floor_s0"
+    for name in ("m3ae_s0", "mae_s0", "floor_s0"):
+        assert (tmp_path / "sweep" / "logs" / f"{name}.log").stat().st_size > 0
+    table = (tmp_path / "sweep" / "table.md").read_text()
+    assert "| M3AE (text mask 0.75, 100% paired) | 1 |" in table and "| random-init encoder (floor) | 1 |" in table
+
+    res = subprocess.run(["bash", os.path.join(root, "sweep.sh")], env={**env, "VARIANTS": "m3ae",
+                         "TRAIN_ARGS": "--no-such-flag"}, capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0 and "FAILED: m3ae_s0" in res.stdout
