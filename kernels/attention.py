@@ -351,8 +351,7 @@ def _mask_args(q, key_padding_mask, key_lengths):
     if key_padding_mask is not None:
         # passed as bool (Triton loads it as bytes). Not .view(torch.uint8): inductor (torch 2.11) cannot
         # lower a bool -> uint8 view, so torch.compile failed on it (seen on an H200, 2026-11-26).
-        mask = key_padding_mask
-        return BOOL_MASK, mask, q, mask.stride(0), mask.stride(1)
+        return BOOL_MASK, key_padding_mask, q, key_padding_mask.stride(0), key_padding_mask.stride(1)
     if key_lengths is not None:
         return LENGTHS, q, key_lengths, 0, 0
     return NO_MASK, q, q, 0, 0

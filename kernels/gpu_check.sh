@@ -41,7 +41,7 @@ run() {
         tests) step tests 170 8 "$PY" -m pytest tests/test_kernels.py -v -n 12 -p no:cacheprovider \
             -k "not sm90_without_a_gpu and not bench_smoke" ;;
         compiled) step compiled 100 8 "$PY" -m pytest tests/test_kernels.py -v -n 5 -p no:cacheprovider \
-            -k "fullgraph or (autotuned and (encoder or decoder) and bfloat16)" ;;
+            -k "fullgraph or (autotuned and (encoder or decoder) and bf16)" ;;
         profile) step profile 35 30 "$PY" kernels/bench.py --profile ;;
         train_triton) step train_triton 110 3 "$PY" "${TRAIN[@]}" --attn triton ;;
         train_sdpa) step train_sdpa 95 3 "$PY" "${TRAIN[@]}" --attn sdpa ;;

@@ -360,7 +360,7 @@ def test_torch_compile_fullgraph(form):
 
 
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("shape", [(12, 81, 64), (16, 321, 32), (2, 130, 128), (3, 17, 16)],
                          ids=["encoder", "decoder", "d128", "d16"])
 def test_cuda_autotuned_configs_match_reference(shape, dtype):
