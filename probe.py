@@ -95,6 +95,8 @@ def get_args(argv=None):
     add_head_args(p)
     a = p.add_argument
     a("--mode", default="fast", choices=["fast", "full"], help="fast: cached features; full: augmentation")
+    a("--label", default="shape", choices=data.Builtin.LABELS, help="built-in data: what to classify, the main "
+      "object's shape (10 classes) or its colour (11); results go to probe_<mode>[_colour].json")
     a("--knn-k", type=int, default=20, help="kNN neighbours")
     a("--knn-t", type=float, default=0.07, help="kNN temperature of the vote weights exp(sim / t)")
     a("--table", metavar="SWEEP_DIR", help="only aggregate SWEEP_DIR/<variant>_s<seed>/*.json into a table")
@@ -103,6 +105,8 @@ def get_args(argv=None):
         p.error("give --ckpt (or --random-init [--preset], or --table)")
     if bool(args.train_dir) != bool(args.test_dir):
         p.error("real data needs both --train-dir and --test-dir")
+    if args.train_dir and args.label != "shape":
+        p.error("--label picks a built-in attribute; folders label by class folder")
     return args
 
 
@@ -217,10 +221,9 @@ def labelled_source(args, ckpt, which, image_size):
         source = data.ImageFolder(folder)
         return source, folder_identity(folder), source.classes
     size = getattr(args, f"{which}_size", None)
-    seed, level = data_seed(args, ckpt), data_level(args, ckpt)
-    source = data.Builtin(which, size, image_size, seed=seed, level=level)
-    classes = data.Builtin.OOD_CLASSES if which == "ood" else data.Builtin.CLASSES
-    return source, f"builtin:{which}:{len(source)}:{image_size}px:seed{seed}:{level}", classes
+    seed, level, label = data_seed(args, ckpt), data_level(args, ckpt), getattr(args, "label", "shape")
+    source = data.Builtin(which, size, image_size, seed=seed, level=level, label=label)
+    return source, f"builtin:{which}:{len(source)}:{image_size}px:seed{seed}:{level}:{label}", source.classes
 
 
 class Unlabelled(torch.utils.data.Dataset):
@@ -475,6 +478,7 @@ def main(argv=None):
     result = dict(
         ckpt=args.ckpt, random_init=args.random_init, seed=args.seed, mode=args.mode, model_hash=model_key[:16],
         data="folder" if args.train_dir else "builtin", data_seed=None if args.train_dir else data_seed(args, ckpt),
+        label=None if args.train_dir else args.label,
         classes=num_classes, train_size=len(xtr), test_size=len(xte), feature_dim=xtr.size(1),
         top1=test_acc[1], top5=test_acc[5], train_top1=train_acc[1], knn_top1=knn[1], knn_top5=knn[5],
         knn=dict(k=args.knn_k, t=args.knn_t, similarity="cosine", votes="exp(sim/t)"),
@@ -484,7 +488,7 @@ def main(argv=None):
         pretraining=pretraining_info(ckpt),
         seconds=dict(features=round(t_features, 1), head=round(time.perf_counter() - t1, 1)),
     )
-    out = out_path_for(args, f"probe_{args.mode}")
+    out = out_path_for(args, f"probe_{args.mode}" + ("_colour" if args.label == "colour" else ""))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=2)
@@ -511,6 +515,8 @@ VARIANTS = {
 ORDERINGS = [  # (what, metric, better variant, worse variant, the paper's numbers)
     ("1. M3AE > MAE, linear probe", "top1", "m3ae", "mae", "59.4 vs 45.2"),
     ("1. M3AE > MAE, kNN", "knn_top1", "m3ae", "mae", "(paper: linear probe only)"),
+    ("1. M3AE > MAE, linear probe, colour label", "top1_colour", "m3ae", "mae", "(ours: see README)"),
+    ("1. M3AE > MAE, kNN, colour label", "knn_top1_colour", "m3ae", "mae", "-"),
     ("2. text mask 0.75 > 0.15, linear probe", "top1", "m3ae", "text015", "64.1 vs 53.3"),
     ("2. text mask 0.75 > 0.15, kNN", "knn_top1", "m3ae", "text015", "-"),
     ("3. paired 100% > 10%, linear probe", "top1", "m3ae", "paired10", "59.4 vs 53.3"),
@@ -523,8 +529,9 @@ ORDERINGS = [  # (what, metric, better variant, worse variant, the paper's numbe
 
 
 def collect(sweep_dir):
-    """{variant: {seed: {metric: value}}} from SWEEP_DIR/<variant>_s<seed>/ probe_fast.json and ood.json; the
-    random-init floor from m3ae_s<seed>/*_random_init.json."""
+    """{variant: {seed: {metric: value}}} from SWEEP_DIR/<variant>_s<seed>/ probe_fast.json (shape label),
+    probe_fast_colour.json (colour label: metrics *_colour) and ood.json; the random-init floor from
+    m3ae_s<seed>/*_random_init.json."""
     runs = {}
     for folder in sorted(glob.glob(os.path.join(sweep_dir, "*_s*"))):
         m = re.fullmatch(r"(.+)_s(\d+)", os.path.basename(folder))
@@ -535,14 +542,16 @@ def collect(sweep_dir):
             if suffix and variant != "m3ae":
                 continue
             row = {}
-            for fname, fields in ((f"probe_fast{suffix}.json", ("top1", "knn_top1")), (f"ood{suffix}.json", None)):
+            for fname, fields in ((f"probe_fast{suffix}.json", ("top1", "knn_top1")),
+                                  (f"probe_fast_colour{suffix}.json", ("top1", "knn_top1")), (f"ood{suffix}.json", None)):
                 path = os.path.join(folder, fname)
                 if not os.path.exists(path):
                     continue
                 with open(path) as f:
                     r = json.load(f)
                 if fields:
-                    row.update({k: r[k] for k in fields})
+                    tag = "_colour" if "_colour" in fname else ""
+                    row.update({k + tag: r[k] for k in fields})
                     row["setup"] = (f"pretraining steps {r.get('pretraining', {}).get('steps', '?')}, probe "
                                     f"{r.get('train_size', '?')} train / {r.get('test_size', '?')} test images")
                 else:
@@ -562,7 +571,8 @@ def mean_std(values):
 
 def write_table(sweep_dir):
     runs = collect(sweep_dir)
-    metrics = [("top1", "linear probe top-1"), ("knn_top1", "kNN top-1"), ("ood_mahalanobis", "OOD AUROC Mahalanobis"),
+    metrics = [("top1", "linear probe top-1"), ("knn_top1", "kNN top-1"), ("top1_colour", "linear probe top-1, colour"),
+               ("knn_top1_colour", "kNN top-1, colour"), ("ood_mahalanobis", "OOD AUROC Mahalanobis"),
                ("ood_relative_mahalanobis", "OOD AUROC rel. Mahalanobis"), ("ood_msp", "OOD AUROC MSP")]
     lines = ["| run | seeds | " + " | ".join(name for _, name in metrics) + " |",
              "|---|---|" + "---|" * len(metrics)]

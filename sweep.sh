@@ -6,7 +6,8 @@
 #       EVAL_ARGS="--train-size 64 --test-size 32 --epochs 3" OOD_ARGS="--ood-size 32" ./sweep.sh   # smoke
 #
 # Per seed: pretrain five variants with train.py (M3AE; MAE = --no-text; text mask 0.15; 10% and 0% paired,
-# the rest split into unpaired images and texts), then probe.py (fast mode: linear probe + kNN) and ood.py
+# the rest split into unpaired images and texts), then probe.py (fast mode: linear probe + kNN, on the main
+# object's shape, then with --label colour on its colour) and ood.py
 # (Mahalanobis, relative Mahalanobis, MSP) on each checkpoint, and both on a random-init encoder (the floor).
 # Finally `probe.py --table` writes OUT/table.md: mean ± std over seeds, and whether each ordering holds.
 # Re-running is cheap: train.py --resume skips finished runs and probe/ood read their cached features.
@@ -55,11 +56,13 @@ if [ "${1:-}" = run ] || [ "${1:-}" = floor ]; then
   {
     if [ "$v" = floor ]; then
       $PY probe.py --ckpt "$OUT/m3ae_s$seed/ckpt.pt" --random-init --seed "$seed" $EVAL_ARGS &&
+        $PY probe.py --ckpt "$OUT/m3ae_s$seed/ckpt.pt" --random-init --seed "$seed" --label colour $EVAL_ARGS &&
         $PY ood.py --ckpt "$OUT/m3ae_s$seed/ckpt.pt" --random-init --seed "$seed" $EVAL_ARGS $OOD_ARGS
     else
       dir=$OUT/$name
       $PY train.py --steps "$STEPS" --seed "$seed" --out-dir "$dir" --no-probe --resume $(flags "$v") $TRAIN_ARGS &&
         $PY probe.py --ckpt "$dir/ckpt.pt" --seed "$seed" $EVAL_ARGS &&
+        $PY probe.py --ckpt "$dir/ckpt.pt" --seed "$seed" --label colour $EVAL_ARGS &&
         $PY ood.py --ckpt "$dir/ckpt.pt" --seed "$seed" $EVAL_ARGS $OOD_ARGS
     fi
   } >"$OUT/logs/$name.log" 2>&1 || { echo "FAILED: $name (last lines of $OUT/logs/$name.log):"; tail -n 20 "$OUT/logs/$name.log"; exit 1; }

@@ -117,8 +117,40 @@ def test_builtin_captions_name_the_object_most_of_the_time():
         _, s = ds._scene(i)
         assert c and c == c.strip() and "  " not in c and ",," not in c
         named += any(w in c for w in data.SHAPE_WORDS[s["shape"]])
-    assert 0.7 < named / len(caps) < 0.9  # ~80%: 15% use a generic noun, 5% describe only the background
+    assert 0.7 < named / len(caps) < 0.9  # ~82%: 15% use a generic noun, 3% describe only the background
     assert len(set(caps)) > 350  # compositional: captions rarely repeat
+
+
+def test_builtin_captions_have_their_own_random_stream(monkeypatch):
+    # changing the caption grammar must not change a single image (captions draw from a separate stream)
+    before = [data.Builtin("pretrain", 6)[i] for i in range(6)]
+    monkeypatch.setattr(data, "_caption", lambda rng, s: rng.pick(["x", "y"]))
+    after = [data.Builtin("pretrain", 6)[i] for i in range(6)]
+    for a, b in zip(before, after):
+        assert np.array_equal(np.asarray(a["image"]), np.asarray(b["image"])) and a["label"] == b["label"]
+        assert b["caption"] in ("x", "y") and a["caption"] != b["caption"]
+
+
+def test_builtin_colour_label_is_the_main_objects_colour():
+    shape, colour = data.Builtin("test", 300), data.Builtin("test", 300, label="colour")
+    assert colour.classes == list(data.COLOURS) and shape.classes == data.Builtin.CLASSES
+    labels = colour.labels()
+    assert labels[:20] == [colour[i]["label"] for i in range(20)]  # labels() without rendering: same labels
+    assert shape.labels() == shape.labels("shape") and labels == shape.labels("colour")
+    named = 0
+    for c, label in zip(colour.captions(), labels):
+        words = c.replace(",", "").split()
+        synonyms = data.COLOURS[colour.classes[label]][0]
+        if any(w in words for w in synonyms):
+            named += 1
+            assert words[0] in synonyms, c  # the colour's slot is fixed: the first word (data._caption says why)
+        # no other colour's name is used (distractors are never described by colour)
+        others = {w for k, (syn, _) in data.COLOURS.items() if k != colour.classes[label] for w in syn}
+        assert not others & set(words), c
+    assert named / len(colour) > 0.8  # the caption names the colour 90% of the time (minus background-only ones)
+    assert len(set(labels)) == 11 and len(set(shape.labels())) == 10
+    with pytest.raises(ValueError):
+        data.Builtin("test", 3, label="size")
 
 
 @pytest.mark.parametrize("level", ["easy", "hard"])
@@ -134,7 +166,7 @@ def test_builtin_mean_std_constants(level):
 
 
 def test_tokenizer_round_trip_padding_and_truncation(tok):
-    caption = data.Builtin("pretrain", 1)[0]["caption"]
+    caption = next(c for c in data.Builtin("pretrain", 100).captions() if len(c.split()) >= 5)  # long enough to cut
     ids, pad = tok.encode(caption, TEXT_LEN)
     assert ids.shape == pad.shape == (TEXT_LEN,) and ids.dtype == torch.int64 and pad.dtype == torch.bool
     n = int((~pad).sum())

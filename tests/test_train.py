@@ -93,6 +93,21 @@ def test_masking_noise_is_one_global_draw_sliced():
     assert not torch.equal(train.masking_noise(5, 8, 8, slice(0, 8), 16, 4)[0], full[0])  # next step, new masks
 
 
+def test_text_grounding_compares_own_and_other_images():
+    torch.manual_seed(0)
+    model = M3AE(make_config("tiny", vocab_size=30))
+    text = torch.randint(1, 30, (6, 24))
+    pad = torch.arange(24)[None] >= torch.tensor([[5], [9], [3], [12], [7], [24]])  # True = pad
+    pairs = lambda images: [dict(image=images[i], text=text[i], text_padding_mask=pad[i]) for i in range(6)]
+    same = torch.randn(1, 3, 32, 32).expand(6, -1, -1, -1)
+    own, other = train.text_grounding(model, pairs(same))
+    assert own == other  # identical images: rolling them changes nothing
+    images = torch.randn(6, 3, 32, 32)
+    own, other = train.text_grounding(model, pairs(images))
+    assert own != other and math.isfinite(own) and math.isfinite(other)  # the text path sees the image at all
+    assert train.text_grounding(model, pairs(images), seed=1) != (own, other)  # the seed draws the masks
+
+
 # --- end to end ---------------------------------------------------------------------------------------------
 
 
@@ -105,6 +120,11 @@ def test_smoke_run_writes_everything_and_probes(tmp_path):
 
     full = probe.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--train-size", "64", "--test-size", "32"])
     assert full["top1"] == result["probe_top1"]
+    colour = probe.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--train-size", "64", "--test-size", "32",
+                         "--label", "colour"])
+    assert colour["top1"] == result["probe_top1_colour"] and colour["classes"] == 11
+    assert (tmp_path / "probe_fast_colour.json").exists()
+    assert math.isfinite(result["text_ce_own_image"]) and math.isfinite(result["text_ce_other_image"])
     for name in ("ckpt.pt", "config.json", "log.jsonl", "tokenizer.model", "probe.json"):
         assert (tmp_path / name).exists(), name
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
@@ -284,6 +304,15 @@ def test_ddp_two_gloo_ranks_equal_one_process(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     a, b = params(tmp_path / "one"), params(tmp_path / "two")
     assert a["step"] == b["step"] == 3
+    lr = a["args"]["base_lr"] * 16 / 256
     for name in a["model"]:
-        torch.testing.assert_close(a["model"][name], b["model"][name], atol=1e-5, rtol=1e-4, msg=name)
+        x, y = a["model"][name], b["model"][name]
+        if name.endswith("attn.qkv.bias"):
+            # The key bias has an exactly-zero true gradient (softmax ignores a shift shared by all keys): its
+            # gradient is float noise, different in one process and in two ranks, which Adam scales up to steps of a
+            # sizeable fraction of lr. Compare the q and v biases tightly and bound the k bias by the steps taken.
+            (xq, xk, xv), (yq, yk, yv) = x.chunk(3), y.chunk(3)
+            x, y = torch.cat([xq, xv]), torch.cat([yq, yv])
+            assert (xk - yk).abs().max() <= 3 * lr, name
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4, msg=name)
     assert len(b["rng"]) == 2  # one RNG state per rank
