@@ -232,7 +232,7 @@ def test_table_aggregates_seeds_and_checks_orderings(tmp_path):
     assert "| M3AE (text mask 0.75, 100% paired) | 3 | 51.0 ± 1.0 | 46.0 ± 1.0 | 71.0 ± 1.0 | 61.0 ± 1.0 | 61.0 ± 1.0 |" \
         in table
     assert "| M3AE, text mask 0.15 | 3 | 55.0 ± 0.0 | 50.0 ± 0.0 | - | - | 61.0 ± 1.0 |" in table
-    assert "| 1. M3AE > MAE, linear probe, colour label | (ours: see README) | 71.0 ± 1.0 vs 62.0 ± 2.0 | yes | 3/3 |" \
+    assert "| 1. M3AE > MAE, linear probe, colour label | (ours: built-in data) | 71.0 ± 1.0 vs 62.0 ± 2.0 | yes | 3/3 |" \
         in table
     assert "| 1. M3AE > MAE, linear probe | 59.4 vs 45.2 | 51.0 ± 1.0 vs 42.0 ± 2.0 | yes | 3/3 |" in table
     assert "| 2. text mask 0.75 > 0.15, linear probe | 64.1 vs 53.3 | 51.0 ± 1.0 vs 55.0 ± 0.0 | **no** | 0/3 |" \
