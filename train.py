@@ -314,7 +314,7 @@ def quick_probe(model, train_set, test_set, seed=0):
 
 
 @torch.no_grad()
-def text_grounding(model, pairs, seed=0):
+def text_grounding(model, pairs, seed=0, batch_size=256):
     """Does the text path read the image? The masked-word cross-entropy of held-out pairs (a dataset of
     pretraining samples, e.g. built-in test pairs) with their own images, and with the same images rolled by one
     (each caption beside another sample's image), with the same masks: (own, other). A model whose text loss
@@ -326,9 +326,14 @@ def text_grounding(model, pairs, seed=0):
     device = model.cls_token.device
     g = torch.Generator().manual_seed(seed)
     noise = [torch.rand(len(text), n, generator=g).to(device) for n in (model.config.num_patches, text.size(1))]
-    text, pad = text.to(device), pad.to(device)
-    own, other = (model(x.to(device), text, pad, *noise)["text_loss"].item() for x in (images, images.roll(1, 0)))
-    return own, other
+    others = images.roll(1, 0)
+    sums = [0.0, 0.0]
+    for i in range(0, len(text), batch_size):  # the loss is a mean over samples: chunks add up weighted by size
+        rows = slice(i, i + batch_size)
+        t, p, n = text[rows].to(device), pad[rows].to(device), [x[rows] for x in noise]
+        for k, x in enumerate((images[rows], others[rows])):
+            sums[k] += model(x.to(device), t, p, *n)["text_loss"].item() * len(t)
+    return sums[0] / len(text), sums[1] / len(text)
 
 
 def builtin_text_grounding(model, tokenizer, data_seed=0, level="easy", seed=0, n=1000):

@@ -106,6 +106,8 @@ def test_text_grounding_compares_own_and_other_images():
     own, other = train.text_grounding(model, pairs(images))
     assert own != other and math.isfinite(own) and math.isfinite(other)  # the text path sees the image at all
     assert train.text_grounding(model, pairs(images), seed=1) != (own, other)  # the seed draws the masks
+    chunked = train.text_grounding(model, pairs(images), batch_size=4)  # chunks of 4 and 2: the same means
+    assert chunked == pytest.approx((own, other), abs=1e-6)
 
 
 # --- end to end ---------------------------------------------------------------------------------------------
