@@ -554,8 +554,6 @@ class Builtin(torch.utils.data.Dataset):
     LABELS = ("shape", "colour")
 
     def __init__(self, split, size=None, image_size=64, seed=0, level="easy", label="shape"):
-        if label not in self.LABELS:
-            raise ValueError(f"unknown label {label!r}; choose from {list(self.LABELS)}")
         if split not in self.SPLITS:
             raise ValueError(f"unknown split {split!r}; choose from {list(self.SPLITS)}")
         if level not in LEVELS:
@@ -565,7 +563,16 @@ class Builtin(torch.utils.data.Dataset):
         self.size = default_size if size is None else size
         self.shapes = self.OOD_CLASSES if split == "ood" else self.CLASSES
         self.label = label
-        self.classes = self.shapes if label == "shape" else _COLOUR_NAMES
+        self.classes = self.label_classes(label)
+
+    def label_classes(self, label):
+        """The class names of `label` ("shape" or "colour") in this split."""
+        if label not in self.LABELS:
+            raise ValueError(f"unknown label {label!r}; choose from {list(self.LABELS)}")
+        return self.shapes if label == "shape" else _COLOUR_NAMES
+
+    def _label_of(self, s, label):
+        return s["label"] if label == "shape" else _COLOUR_NAMES.index(s["colour"])
 
     def __len__(self):
         return self.size
@@ -582,17 +589,14 @@ class Builtin(torch.utils.data.Dataset):
     def __getitem__(self, i):
         rng, s = self._scene(i)
         (cx, cy), r = s["centre"], s["size"] / 2
-        label = s["label"] if self.label == "shape" else _COLOUR_NAMES.index(s["colour"])
-        return dict(image=_render(rng, s, self.image_size), caption=s["caption"], label=label,
+        return dict(image=_render(rng, s, self.image_size), caption=s["caption"], label=self._label_of(s, self.label),
                     box=(cx - r, cy - r, cx + r, cy + r))
 
     def labels(self, label=None):
         """Every label of the split for `label` ("shape" or "colour"; default self.label), without rendering."""
         label = label or self.label
-        if label not in self.LABELS:
-            raise ValueError(f"unknown label {label!r}; choose from {list(self.LABELS)}")
-        scenes = (self._scene(i)[1] for i in range(self.size))
-        return [s["label"] if label == "shape" else _COLOUR_NAMES.index(s["colour"]) for s in scenes]
+        self.label_classes(label)  # checks the name
+        return [self._label_of(self._scene(i)[1], label) for i in range(self.size)]
 
     def captions(self):
         """Every caption of the split, without rendering (fast: the tokenizer's corpus)."""
@@ -1290,7 +1294,8 @@ def contact_sheet(path, seed=0, image_size=64, scale=3, cols=4, rows=4, n_ood=4,
     ood = Builtin("ood", min(n_ood, cols), image_size=image_size, seed=seed, level=level)
     colours = [_COLOUR_NAMES[c] for c in ood.labels("colour")]
     for n in range(len(ood)):
-        cell(8 + n * cell_w, y + 24, ood[n], Builtin.OOD_CLASSES[ood[n]["label"]], colours[n])
+        sample = ood[n]
+        cell(8 + n * cell_w, y + 24, sample, Builtin.OOD_CLASSES[sample["label"]], colours[n])
     # 256 colours keep the PNG small (< 300 KB); the noise makes a true-colour PNG several times larger
     sheet.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(path, optimize=True)
     return sheet

@@ -545,15 +545,15 @@ def collect(sweep_dir):
             if suffix and variant != "m3ae":
                 continue
             row = {}
-            for fname, fields in ((f"probe_fast{suffix}.json", ("top1", "knn_top1")),
-                                  (f"probe_fast_colour{suffix}.json", ("top1", "knn_top1")), (f"ood{suffix}.json", None)):
+            for fname, fields, tag in ((f"probe_fast{suffix}.json", ("top1", "knn_top1"), ""),
+                                       (f"probe_fast_colour{suffix}.json", ("top1", "knn_top1"), "_colour"),
+                                       (f"ood{suffix}.json", None, "")):
                 path = os.path.join(folder, fname)
                 if not os.path.exists(path):
                     continue
                 with open(path) as f:
                     r = json.load(f)
                 if fields:
-                    tag = "_colour" if "_colour" in fname else ""
                     row.update({k + tag: r[k] for k in fields})
                     row["setup"] = (f"pretraining steps {r.get('pretraining', {}).get('steps', '?')}, probe "
                                     f"{r.get('train_size', '?')} train / {r.get('test_size', '?')} test images")

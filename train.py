@@ -306,7 +306,7 @@ def quick_probe(model, train_set, test_set, seed=0):
     accs = {}
     for label in data.Builtin.LABELS:
         ytr, yte = (torch.tensor(s.source.labels(label)) for s in (train_set, test_set))
-        num_classes = len(data.Builtin.CLASSES if label == "shape" else data.COLOURS)
+        num_classes = len(train_set.source.label_classes(label))
         head = probe.train_head_on_features(xtr, ytr, num_classes, seed=seed, **recipe)
         with torch.no_grad():
             accs[label] = probe.topk_accuracy(head(xte), yte, ks=(1,))[1]
