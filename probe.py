@@ -37,12 +37,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import builtin
 import data
 from model import M3AE, PRESETS, load_model, make_config
 from train import SeededSamples, lr_at, mix_seed, save_atomic
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-NORMS = {"builtin": (data.BUILTIN_MEAN, data.BUILTIN_STD), "cc12m": (data.CC12M_MEAN, data.CC12M_STD),
+NORMS = {"builtin": (builtin.BUILTIN_MEAN, builtin.BUILTIN_STD), "cc12m": (data.CC12M_MEAN, data.CC12M_STD),
          "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
 
 # -----------------------------------------------------------------------------
@@ -70,7 +71,7 @@ def add_data_args(p):
     a("--train-size", type=int, help="built-in data: training images (default: the split's 5000)")
     a("--test-size", type=int, help="built-in data: test images (default: the split's 2000)")
     a("--data-seed", type=int, help="built-in data: which procedural dataset (default: the checkpoint's)")
-    a("--data-level", choices=list(data.LEVELS), help="built-in data: difficulty (default: the checkpoint's)")
+    a("--data-level", choices=list(builtin.LEVELS), help="built-in data: difficulty (default: the checkpoint's)")
     a("--norm", default="auto", choices=["auto", *NORMS],
       help="normalisation statistics; auto = those the checkpoint was pretrained with (builtin or cc12m)")
     a("--crop-pct", type=float, help="evaluation centre crop (default 0.875 for folders, 1.0 for built-in)")
@@ -95,7 +96,7 @@ def get_args(argv=None):
     add_head_args(p)
     a = p.add_argument
     a("--mode", default="fast", choices=["fast", "full"], help="fast: cached features; full: augmentation")
-    a("--label", default="shape", choices=data.Builtin.LABELS, help="built-in data: what to classify, the main "
+    a("--label", default="shape", choices=builtin.Builtin.LABELS, help="built-in data: what to classify, the main "
       "object's shape (10 classes) or its colour (11); results go to probe_<mode>[_colour].json")
     a("--knn-k", type=int, default=20, help="kNN neighbours")
     a("--knn-t", type=float, default=0.07, help="kNN temperature of the vote weights exp(sim / t)")
@@ -222,7 +223,7 @@ def labelled_source(args, ckpt, which, image_size):
         return source, folder_identity(folder), source.classes
     size = getattr(args, f"{which}_size", None)
     seed, level, label = data_seed(args, ckpt), data_level(args, ckpt), getattr(args, "label", "shape")
-    source = data.Builtin(which, size, image_size, seed=seed, level=level, label=label)
+    source = builtin.Builtin(which, size, image_size, seed=seed, level=level, label=label)
     return source, f"builtin:{which}:{len(source)}:{image_size}px:seed{seed}:{level}:{label}", source.classes
 
 
@@ -243,7 +244,7 @@ def eval_view(args, ckpt, image_size):
     """(transform, identity string) of the evaluation view: resize + centre crop + normalise."""
     mean, std = normalisation(args, ckpt)
     crop = args.crop_pct if args.crop_pct is not None else (0.875 if args.train_dir else 1.0)
-    return data.eval_transform(image_size, mean, std, crop), f"eval:{image_size}:{crop}:{mean}:{std}"
+    return data.EvalTransform(image_size, mean, std, crop), f"eval:{image_size}:{crop}:{mean}:{std}"
 
 
 # -----------------------------------------------------------------------------
@@ -468,7 +469,7 @@ def main(argv=None):
         recipe = head_recipe(args, 90 if args.train_dir else 10)
         source, _, _ = labelled_source(args, ckpt, "train", model.config.image_size)
         mean, std = normalisation(args, ckpt)
-        augment = data.pretrain_transform(model.config.image_size, mean, std, scale=(0.08, 1.0))  # paper's probe aug
+        augment = data.PretrainTransform(model.config.image_size, mean, std, scale=(0.08, 1.0))  # paper's probe aug
         head = train_head_full(model, data.LabelledDataset(source, augment), num_classes, seed=args.seed,
                                workers=args.workers, **recipe)
     head = head.cpu()

@@ -24,7 +24,7 @@ import random
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, fields
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -32,8 +32,10 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import builtin
 import data
 from model import M3AE, PRESETS, checkpoint_dict, make_config
+from tokenizer import get_tokenizer
 
 # -----------------------------------------------------------------------------
 # arguments
@@ -57,7 +59,7 @@ def get_args(argv=None):
     # data
     a("--data", default="builtin", choices=["builtin", "wds", "csv"], help="pretraining data source")
     a("--data-seed", type=int, default=0, help="built-in data: which procedural dataset (kept fixed across --seed)")
-    a("--data-level", default="easy", choices=list(data.LEVELS), help="built-in data: difficulty (data.LEVELS)")
+    a("--data-level", default="easy", choices=list(builtin.LEVELS), help="built-in data: difficulty (builtin.LEVELS)")
     a("--train-size", type=int, default=20000, help="built-in data: pretraining pairs")
     a("--wds-shards", help="webdataset shards: a brace pattern, glob or comma list of .tar files (--data wds)")
     a("--epoch-samples", type=int, help="--data wds: samples per epoch (streams have no length)")
@@ -244,8 +246,8 @@ def build_data(args, image_size, text_len):
     """Returns (tokenizer, pretraining dataset, (probe train, probe test) or None). The pretraining dataset is
     map-style (built-in, CSV, plus text-file / image-dir extras: exact resume) or a stream (webdataset shards)."""
     if args.data == "builtin":
-        pairs = data.Builtin("pretrain", args.train_size, image_size, seed=args.data_seed, level=args.data_level)
-        mean, std = data.BUILTIN_MEAN, data.BUILTIN_STD
+        pairs = builtin.Builtin("pretrain", args.train_size, image_size, seed=args.data_seed, level=args.data_level)
+        mean, std = builtin.BUILTIN_MEAN, builtin.BUILTIN_STD
     elif args.data == "csv":
         pairs = data.CsvPairs(args.csv)
         mean, std = data.CC12M_MEAN, data.CC12M_STD
@@ -260,14 +262,14 @@ def build_data(args, image_size, text_len):
         for extra in extras:
             yield from extra.captions()
 
-    tokenizer = data.get_tokenizer(args.tokenizer or os.path.join(args.out_dir, "tokenizer.model"), captions,
+    tokenizer = get_tokenizer(args.tokenizer or os.path.join(args.out_dir, "tokenizer.model"), captions,
                                    args.vocab_size)
     if args.data == "builtin":
         # Built-in captions name positions ("top left"): a flip or a crop would make them wrong, and procedural
         # data never runs short of distinct images. So: normalise only.
-        transform = data.eval_transform(image_size, mean, std, crop_pct=1.0)
+        transform = data.EvalTransform(image_size, mean, std, crop_pct=1.0)
     else:
-        transform = data.pretrain_transform(image_size, mean, std)  # RandomResizedCrop(0.2-1) + flip (official)
+        transform = data.PretrainTransform(image_size, mean, std)  # RandomResizedCrop(0.2-1) + flip (official)
     if args.data == "wds":
         dataset = data.WebDatasetShards(args.wds_shards, tokenizer=tokenizer, text_len=text_len, transform=transform,
                                         paired_share=args.paired_share, seed=args.data_seed)
@@ -279,9 +281,9 @@ def build_data(args, image_size, text_len):
         dataset = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
     probe_sets = None
     if args.data == "builtin":
-        evaluate = data.eval_transform(image_size, mean, std, crop_pct=1.0)  # built-in images are already square
+        evaluate = data.EvalTransform(image_size, mean, std, crop_pct=1.0)  # built-in images are already square
         probe_sets = tuple(
-            data.LabelledDataset(data.Builtin(split, size, image_size, seed=args.data_seed, level=args.data_level),
+            data.LabelledDataset(builtin.Builtin(split, size, image_size, seed=args.data_seed, level=args.data_level),
                                  evaluate)
             for split, size in (("train", args.probe_train_size), ("test", args.probe_test_size)))
     return tokenizer, dataset, probe_sets
@@ -304,7 +306,7 @@ def quick_probe(model, train_set, test_set, seed=0):
     xtr, _, _ = probe.extract_features(model, train_set)
     xte, _, _ = probe.extract_features(model, test_set)
     accs = {}
-    for label in data.Builtin.LABELS:
+    for label in builtin.Builtin.LABELS:
         ytr, yte = (torch.tensor(s.source.labels(label)) for s in (train_set, test_set))
         num_classes = len(train_set.source.label_classes(label))
         head = probe.train_head_on_features(xtr, ytr, num_classes, seed=seed, **recipe)
@@ -339,10 +341,10 @@ def text_grounding(model, pairs, seed=0, batch_size=256):
 def builtin_text_grounding(model, tokenizer, data_seed=0, level="easy", seed=0, n=1000):
     """text_grounding on the first n pairs of the built-in test split (what train.py prints at the end). From a
     checkpoint: model, ckpt = load_model(path); a = ckpt["args"]; builtin_text_grounding(model,
-    data.Tokenizer(os.path.join(a["out_dir"], "tokenizer.model")), a["data_seed"], a["data_level"], a["seed"])."""
+    Tokenizer(os.path.join(a["out_dir"], "tokenizer.model")), a["data_seed"], a["data_level"], a["seed"])."""
     c = model.config
-    pairs = data.Builtin("test", n, c.image_size, seed=data_seed, level=level)
-    evaluate = data.eval_transform(c.image_size, data.BUILTIN_MEAN, data.BUILTIN_STD, crop_pct=1.0)
+    pairs = builtin.Builtin("test", n, c.image_size, seed=data_seed, level=level)
+    evaluate = data.EvalTransform(c.image_size, builtin.BUILTIN_MEAN, builtin.BUILTIN_STD, crop_pct=1.0)
     return text_grounding(model, data.PairedDataset(pairs, tokenizer, c.text_len, evaluate), seed=seed)
 
 

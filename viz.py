@@ -37,15 +37,17 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+import builtin
 import data
 import probe  # the checkpoint -> data conventions (normalisation, built-in seed and level) are probe.py's
 from model import image_loss, load_model, patchify, unpatchify
+from tokenizer import Tokenizer
 MODES = ("recon", "caption", "attention")  # "all" runs the three; "attention" writes two files
 
 # Default word for the word-attention map: the first word that names a shape in the built-in vocabulary (the
 # label's word, what Figure 7 shows), else the first word that is not one of these stop words.
-SHAPE_NAMES = ({w for names in data.SHAPE_WORDS.values() for name in names for w in name.split()} - {
-    "shape", "round", "five-pointed", "v", "bow", "lightning", "sign"}) | set(data.GENERIC_WORDS)
+SHAPE_NAMES = ({w for names in builtin.SHAPE_WORDS.values() for name in names for w in name.split()} - {
+    "shape", "round", "five-pointed", "v", "bow", "lightning", "sign"}) | set(builtin.GENERIC_WORDS)
 STOP_WORDS = {"a", "an", "the", "there", "is", "are", "of", "on", "in", "at", "with", "and", "to", "near", "next",
               "over", "by", "its", "it", "this", "that", "some", "photo", "picture", "image"}
 
@@ -68,9 +70,9 @@ def get_args(argv=None):
     # what to show
     a("--samples", type=int, default=4, help="built-in data: how many samples (one row each)")
     a("--first", type=int, default=0, help="built-in data: index of the first sample")
-    a("--split", default="test", choices=list(data.Builtin.SPLITS), help="built-in data: which split")
+    a("--split", default="test", choices=list(builtin.Builtin.SPLITS), help="built-in data: which split")
     a("--data-seed", type=int, help="built-in data: which procedural dataset (default: the checkpoint's)")
-    a("--data-level", choices=list(data.LEVELS), help="built-in data: difficulty (default: the checkpoint's)")
+    a("--data-level", choices=list(builtin.LEVELS), help="built-in data: difficulty (default: the checkpoint's)")
     a("--image", action="append", help="an image file to show instead of the built-in data (repeatable)")
     a("--caption", action="append", help="its caption (repeatable, one per --image; none = no caption)")
     a("--other-caption", help="caption mode: the 'different caption' for every sample (default: the next "
@@ -111,7 +113,7 @@ def load_tokenizer(args, ckpt, config):
                   os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "tokenizer.model")]
     for path in filter(None, candidates):
         if os.path.exists(path):
-            tokenizer = data.Tokenizer(path)
+            tokenizer = Tokenizer(path)
             if tokenizer.vocab_size > config.vocab_size:
                 raise SystemExit(f"{path} has {tokenizer.vocab_size} pieces, the model only {config.vocab_size}: "
                                  "not this checkpoint's tokenizer")
@@ -134,7 +136,7 @@ def load_samples(args, ckpt, image_size):
             samples.append(dict(image=image, caption=caption, name=os.path.basename(path), label=None, box=None))
         return samples, f"{len(samples)} image(s) from --image"
     seed, level = probe.data_seed(args, ckpt), probe.data_level(args, ckpt)
-    source = data.Builtin(args.split, args.first + args.samples, image_size, seed=seed, level=level)
+    source = builtin.Builtin(args.split, args.first + args.samples, image_size, seed=seed, level=level)
     samples = []
     for i in range(args.first, args.first + args.samples):
         s = source[i]
@@ -622,7 +624,7 @@ def other_captions(samples, other_caption=None):
     if other_caption is not None:
         return [other_caption] * len(samples)
     if len(samples) == 1:
-        return [data.Builtin("test", 1)[0]["caption"]]
+        return [builtin.Builtin("test", 1)[0]["caption"]]
     out = []
     for i, s in enumerate(samples):
         others = [samples[(i + k) % len(samples)] for k in range(1, len(samples))]
@@ -774,7 +776,7 @@ def main(argv=None):
     tokenizer = load_tokenizer(args, ckpt, c)
     samples, source = load_samples(args, ckpt, c.image_size)
     mean, std = probe.normalisation(args, ckpt)
-    batch = make_batch(samples, tokenizer, c.text_len, data.eval_transform(c.image_size, mean, std, args.crop_pct))
+    batch = make_batch(samples, tokenizer, c.text_len, data.EvalTransform(c.image_size, mean, std, args.crop_pct))
     view = View(mean, std, args.scale or max(1, 256 // c.image_size), c.image_size)
     noise = masking_noise(args.seed, len(samples), c.num_patches, c.text_len)
     patches = [parse_patch(args.patch, c.grid_size) if args.patch else default_patch(s, c) for s in samples]

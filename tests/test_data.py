@@ -1,11 +1,9 @@
-"""data.py: the built-in dataset, tokenizer, transforms, every file format, sharding, and every bad input.
+"""data.py: transforms, every file format, sharding, and every bad input.
 
 Every file is built in tmp_path; nothing is downloaded.
 """
 
 import io
-import os
-import pickle
 import struct
 import tarfile
 import zlib
@@ -15,7 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
+import builtin
 import data
+from tokenizer import Tokenizer
 
 TEXT_LEN = 16
 
@@ -44,184 +44,13 @@ def finite(sample):
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
-    captions = list(data.Builtin("pretrain", 2000).captions()) + [f"sample {i}" for i in range(1000)]
-    return data.Tokenizer.train(captions, str(path), vocab_size=300)
+    captions = list(builtin.Builtin("pretrain", 2000).captions()) + [f"sample {i}" for i in range(1000)]
+    return Tokenizer.train(captions, str(path), vocab_size=300)
 
 
 @pytest.fixture(scope="module")
 def t64():
-    return data.pretrain_transform(64, data.CC12M_MEAN, data.CC12M_STD)
-
-
-# -----------------------------------------------------------------------------
-# built-in dataset
-
-
-def test_builtin_is_a_pure_function_of_seed_split_index():
-    a, b = data.Builtin("pretrain", 20), data.Builtin("pretrain", 20)
-    for i in (0, 7, 19):
-        x, y = a[i], b[i]
-        assert x["image"].tobytes() == y["image"].tobytes()
-        assert x["caption"] == y["caption"] and x["label"] == y["label"]
-    assert data.Builtin("pretrain", 20, seed=1)[0]["image"].tobytes() != a[0]["image"].tobytes()
-    # index order does not matter (workers draw samples in any order)
-    assert data.Builtin("pretrain", 20)[19]["image"].tobytes() == a[19]["image"].tobytes()
-    with pytest.raises(IndexError):
-        a[20]
-
-
-def test_builtin_splits_never_share_samples():
-    splits = {s: data.Builtin(s, 100) for s in ("pretrain", "train", "test", "ood")}
-    images = {s: {d[i]["image"].tobytes() for i in range(len(d))} for s, d in splits.items()}
-    for s in images:
-        assert len(images[s]) == 100
-        for t in images:
-            if s < t:
-                assert not images[s] & images[t], (s, t)
-    assert {s: len(d) for s, d in ((s, data.Builtin(s)) for s in splits)} == {
-        "pretrain": 20000, "train": 5000, "test": 2000, "ood": 2000}
-
-
-def test_builtin_samples_labels_and_ood_classes():
-    assert not set(data.Builtin.CLASSES) & set(data.Builtin.OOD_CLASSES)
-    for split, classes in (("train", data.Builtin.CLASSES), ("ood", data.Builtin.OOD_CLASSES)):
-        ds = data.Builtin(split, 300)
-        labels = []
-        for i in range(300):
-            _, s = ds._scene(i)
-            labels.append(s["label"])
-            assert s["shape"] == classes[s["label"]]
-            # distractors are always in-distribution shapes, never the main object's own shape
-            assert all(d["shape"] in data.Builtin.CLASSES and d["shape"] != s["shape"] for d in s["distractors"])
-        assert set(labels) == set(range(len(classes)))  # every class occurs
-    # each level draws the main object in its size range (fractions of the side), inside the image
-    for level, (lo, hi) in (("hard", (0.17, 0.27)), ("easy", (0.45, 0.65))):
-        ds = data.Builtin("test", 20, image_size=64, level=level)
-        for sample in (ds[i] for i in range(20)):
-            assert sample["image"].mode == "RGB" and sample["image"].size == (64, 64)
-            x0, y0, x1, y1 = sample["box"]
-            assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64 and lo * 64 <= x1 - x0 <= hi * 64
-    assert data.Builtin("train", 3, image_size=96)[0]["image"].size == (96, 96)
-    with pytest.raises(ValueError):
-        data.Builtin("val")
-    with pytest.raises(ValueError):
-        data.Builtin("train", level="medium")
-
-
-def test_builtin_captions_name_the_object_most_of_the_time():
-    ds = data.Builtin("pretrain", 400)
-    caps = list(ds.captions())
-    assert caps[:20] == [ds[i]["caption"] for i in range(20)]  # captions() without rendering: same text
-    named = 0
-    for i, c in enumerate(caps):
-        _, s = ds._scene(i)
-        assert c and c == c.strip() and "  " not in c and ",," not in c
-        named += any(w in c for w in data.SHAPE_WORDS[s["shape"]])
-    assert 0.7 < named / len(caps) < 0.9  # ~82%: 15% use a generic noun, 3% describe only the background
-    assert len(set(caps)) > 350  # compositional: captions rarely repeat
-
-
-def test_builtin_captions_have_their_own_random_stream(monkeypatch):
-    # changing the caption grammar must not change a single image (captions draw from a separate stream)
-    before = [data.Builtin("pretrain", 6)[i] for i in range(6)]
-    monkeypatch.setattr(data, "_caption", lambda rng, s: rng.pick(["x", "y"]))
-    after = [data.Builtin("pretrain", 6)[i] for i in range(6)]
-    for a, b in zip(before, after):
-        assert np.array_equal(np.asarray(a["image"]), np.asarray(b["image"])) and a["label"] == b["label"]
-        assert b["caption"] in ("x", "y") and a["caption"] != b["caption"]
-
-
-def test_builtin_colour_label_is_the_main_objects_colour():
-    shape, colour = data.Builtin("test", 300), data.Builtin("test", 300, label="colour")
-    assert colour.classes == list(data.COLOURS) and shape.classes == data.Builtin.CLASSES
-    labels = colour.labels()
-    assert labels[:20] == [colour[i]["label"] for i in range(20)]  # labels() without rendering: same labels
-    assert shape.labels() == shape.labels("shape") and labels == shape.labels("colour")
-    named = 0
-    for c, label in zip(colour.captions(), labels):
-        words = c.replace(",", "").split()
-        synonyms = data.COLOURS[colour.classes[label]][0]
-        if any(w in words for w in synonyms):
-            named += 1
-            assert words[0] in synonyms, c  # the colour's slot is fixed: the first word (data._caption says why)
-        # no other colour's name is used (distractors are never described by colour)
-        others = {w for k, (syn, _) in data.COLOURS.items() if k != colour.classes[label] for w in syn}
-        assert not others & set(words), c
-    assert named / len(colour) > 0.8  # the caption names the colour 90% of the time (minus background-only ones)
-    assert len(set(labels)) == 11 and len(set(shape.labels())) == 10
-    with pytest.raises(ValueError):
-        data.Builtin("test", 3, label="size")
-
-
-@pytest.mark.parametrize("level", ["easy", "hard"])
-def test_builtin_mean_std_constants(level):
-    # one normalisation serves both levels: each level's statistics lie within 0.025 of the constants
-    ds = data.Builtin("pretrain", 800, level=level)  # image means vary a lot (random colours): 800 samples
-    mean, std = data.image_mean_std(ds[i]["image"] for i in range(len(ds)))
-    assert np.allclose(mean, data.BUILTIN_MEAN, atol=0.025) and np.allclose(std, data.BUILTIN_STD, atol=0.025)
-
-
-# -----------------------------------------------------------------------------
-# tokenizer
-
-
-def test_tokenizer_round_trip_padding_and_truncation(tok):
-    caption = next(c for c in data.Builtin("pretrain", 100).captions() if len(c.split()) >= 5)  # long enough to cut
-    ids, pad = tok.encode(caption, TEXT_LEN)
-    assert ids.shape == pad.shape == (TEXT_LEN,) and ids.dtype == torch.int64 and pad.dtype == torch.bool
-    n = int((~pad).sum())
-    assert 0 < n < TEXT_LEN and torch.equal(pad, ids == data.PAD_ID) and not pad[:n].any() and pad[n:].all()
-    assert tok.decode(ids) == caption
-    assert len(tok.pieces(ids)) == TEXT_LEN and tok.pieces(ids)[-1] == "<pad>"
-    # pieces drop the word marker, except a piece that is only the marker
-    assert "".join(tok.pieces(ids[:n])).replace("\u2581", "") == caption.replace(" ", "")
-    short, short_pad = tok.encode(caption, 3)
-    assert torch.equal(short, ids[:3]) and not short_pad.any()  # truncated, no padding
-    assert tok.encode("A Small RED Star", 8)[0].tolist() == tok.encode("a small red star", 8)[0].tolist()  # uncased
-
-
-@pytest.mark.parametrize("caption", [None, "", "   ", b""])
-def test_tokenizer_empty_is_all_padding(tok, caption):
-    ids, pad = tok.encode(caption, TEXT_LEN)
-    assert (ids == data.PAD_ID).all() and pad.all()
-
-
-def test_tokenizer_unknown_text_and_bytes(tok):
-    ids, pad = tok.encode("a red star \U0001F642 \u661f\u661f \u00e9t\u00e9", TEXT_LEN)
-    assert data.UNK_ID in ids.tolist() and (ids[~pad] > 0).all()
-    assert torch.equal(tok.encode(b"a red star", TEXT_LEN)[0], tok.encode("a red star", TEXT_LEN)[0])
-    ids, pad = tok.encode(b"a red \xff\xfe star", TEXT_LEN)  # invalid UTF-8: replaced (U+FFFD), not fatal
-    assert tok.decode(ids).replace("\u2047", "").split() == ["a", "red", "star"] and (~pad).sum() >= 3
-    assert tok.decode([]) == "" and tok.decode(torch.zeros(4, dtype=torch.int64)) == ""
-
-
-def test_tokenizer_is_deterministic_saved_and_picklable(tok, tmp_path):
-    captions = list(data.Builtin("pretrain", 2000).captions()) + [f"sample {i}" for i in range(1000)]
-    again = data.Tokenizer.train(captions, str(tmp_path / "b.model"), vocab_size=300)
-    assert tok.sp.serialized_model_proto() == again.sp.serialized_model_proto()
-    loaded = data.Tokenizer(str(tmp_path / "b.model"))
-    assert loaded.vocab_size == tok.vocab_size
-    clone = pickle.loads(pickle.dumps(tok))
-    assert torch.equal(clone.encode("a blue ring", 8)[0], tok.encode("a blue ring", 8)[0])
-    assert tok.sp.pad_id() == data.PAD_ID and tok.sp.unk_id() == data.UNK_ID
-    assert tok.sp.bos_id() == -1 and tok.sp.eos_id() == -1
-
-
-def test_get_tokenizer_trains_once_and_falls_back_on_small_corpora(tmp_path, capsys):
-    path = str(tmp_path / "run" / "tokenizer.model")
-    calls = []
-
-    def corpus():
-        calls.append(1)
-        return ["a red star", "a blue ring on stripes", b"a green \xff cross", "", None]
-
-    t = data.get_tokenizer(path, corpus, vocab_size=5000)  # far more than the corpus holds
-    assert os.path.exists(path) and t.vocab_size < 5000 and "fewer than" in capsys.readouterr().out
-    assert data.get_tokenizer(path, corpus, vocab_size=5000).vocab_size == t.vocab_size and len(calls) == 1
-    small = data.Tokenizer.train(["abcdefghijklmnopqrstuvwxyz 0123456789"], str(tmp_path / "s.model"), vocab_size=10)
-    assert small.vocab_size > 10 and "characters" in capsys.readouterr().out  # retried with enough pieces
-    with pytest.raises(ValueError):
-        data.Tokenizer.train(["", "  "], str(tmp_path / "e.model"), vocab_size=10)
+    return data.PretrainTransform(64, data.CC12M_MEAN, data.CC12M_STD)
 
 
 # -----------------------------------------------------------------------------
@@ -239,7 +68,7 @@ def test_pretrain_transform_shapes_ranges_and_determinism(t64):
     torch.manual_seed(3)
     assert torch.equal(t64(img), x)  # seeded: the same crop and flip
     assert not torch.equal(t64(img), x)  # unseeded: another one
-    t256 = data.pretrain_transform(256, data.CC12M_MEAN, data.CC12M_STD)
+    t256 = data.PretrainTransform(256, data.CC12M_MEAN, data.CC12M_STD)
     assert t256(img).shape == (3, 256, 256)
 
 
@@ -255,11 +84,11 @@ def test_random_resized_crop_boxes():
 
 
 def test_eval_transform_is_deterministic_and_identity_on_builtin():
-    img = data.Builtin("test", 1)[0]["image"]
-    t = data.eval_transform(64, data.BUILTIN_MEAN, data.BUILTIN_STD, crop_pct=1.0)
-    assert torch.equal(t(img), data.to_tensor(img, data.BUILTIN_MEAN, data.BUILTIN_STD))  # nothing resampled
+    img = builtin.Builtin("test", 1)[0]["image"]
+    t = data.EvalTransform(64, builtin.BUILTIN_MEAN, builtin.BUILTIN_STD, crop_pct=1.0)
+    assert torch.equal(t(img), data.to_tensor(img, builtin.BUILTIN_MEAN, builtin.BUILTIN_STD))  # nothing resampled
     photo = Image.open(io.BytesIO(jpeg_bytes(500, 375))).convert("RGB")
-    e = data.eval_transform(224, data.CC12M_MEAN, data.CC12M_STD)
+    e = data.EvalTransform(224, data.CC12M_MEAN, data.CC12M_STD)
     torch.manual_seed(0)
     a = e(photo)
     torch.manual_seed(1)
@@ -387,7 +216,7 @@ def test_bad_images(kind, tmp_path, tok, t64):
     else:
         assert "skip" not in sample and sample["converted"] == [expected[1]]
         assert sample["has_image"] and sample["has_text"]
-    labelled = data.LabelledDataset([dict(image=src, label=3)], data.eval_transform(64, (0.5,) * 3, (0.5,) * 3))[0]
+    labelled = data.LabelledDataset([dict(image=src, label=3)], data.EvalTransform(64, (0.5,) * 3, (0.5,) * 3))[0]
     assert finite(labelled) and ("skip" in labelled) == (expected[0] == "skip") and labelled["label"] == 3
 
 
@@ -501,9 +330,9 @@ def test_mixed_sources_concat(tok, t64, tmp_path):
     for i in range(3):
         save(Image.new("RGB", (50, 40), (i * 80, 0, 0)), folder / f"{i}.png")
     (tmp_path / "texts.txt").write_bytes(b"a red star\n\nthe blue ring\r\n")
-    builtin = data.Builtin("pretrain", 10)
+    pairs = builtin.Builtin("pretrain", 10)
     mixed = torch.utils.data.ConcatDataset([
-        data.PairedDataset(builtin, tok, TEXT_LEN, t64, roles=data.paired_share_roles(10, 0.5, 0)),
+        data.PairedDataset(pairs, tok, TEXT_LEN, t64, roles=data.paired_share_roles(10, 0.5, 0)),
         data.PairedDataset(data.TextLines(tmp_path / "texts.txt"), tok, TEXT_LEN, t64),
         data.PairedDataset(data.ImageOnlyFolder(tmp_path / "imgs"), tok, TEXT_LEN, t64)])
     batch = data.collate([mixed[i] for i in range(len(mixed))])
@@ -552,7 +381,7 @@ def test_image_folder_and_image_only_folder(tmp_path):
     folder = data.ImageFolder(tmp_path / "data")
     assert folder.classes == ["ant", "zebra"] and len(folder) == 5
     assert [folder[i]["label"] for i in range(5)] == [0, 0, 0, 1, 1]
-    labelled = data.LabelledDataset(folder, data.eval_transform(16, (0.5,) * 3, (0.5,) * 3))
+    labelled = data.LabelledDataset(folder, data.EvalTransform(16, (0.5,) * 3, (0.5,) * 3))
     batch = data.collate([labelled[i] for i in range(5)])
     assert batch["image"].shape == (5, 3, 16, 16) and batch["label"].dtype == torch.int64
     only = data.ImageOnlyFolder(tmp_path / "data")
@@ -666,11 +495,6 @@ def _png_rgba():
 
 # -----------------------------------------------------------------------------
 # command line
-
-
-def test_contact_sheet(tmp_path):
-    sheet = data.contact_sheet(str(tmp_path / "s.png"), rows=1, cols=2, n_ood=1)
-    assert os.path.getsize(tmp_path / "s.png") > 1000 and sheet.size[0] > 2 * 64 * 3
 
 
 def test_rank_and_world_from_torch_distributed(tmp_path):

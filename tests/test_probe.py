@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+import builtin
 import data
 import probe
 from model import M3AE, checkpoint_dict, make_config
@@ -118,8 +119,8 @@ def test_feature_cache_hits_and_invalidates_when_the_checkpoint_changes(tmp_path
     real = probe.extract_features
     monkeypatch.setattr(probe, "extract_features", lambda *a, **k: calls.append(1) or real(*a, **k))
     W = make_config("tiny").image_size
-    transform = data.eval_transform(W, data.BUILTIN_MEAN, data.BUILTIN_STD, crop_pct=1.0)
-    dataset = data.LabelledDataset(data.Builtin("test", 6, W), transform)
+    transform = data.EvalTransform(W, builtin.BUILTIN_MEAN, builtin.BUILTIN_STD, crop_pct=1.0)
+    dataset = data.LabelledDataset(builtin.Builtin("test", 6, W), transform)
     cache = tmp_path / "features"
 
     def features(model, data_key="builtin:test:6"):
@@ -198,9 +199,9 @@ def test_probe_full_mode_and_folders(ckpt, tmp_path):
     assert r["mode"] == "full" and r["recipe"]["epochs"] == 1 and (tmp_path / "full.json").exists()
     # ImageFolder data: two classes of built-in images written to disk, plus one corrupt file (skipped)
     for split, n in (("train", 12), ("test", 6)):
-        src = data.Builtin(split, n)
+        src = builtin.Builtin(split, n)
         for i in range(n):
-            folder = tmp_path / split / data.Builtin.CLASSES[src[i]["label"] % 2]
+            folder = tmp_path / split / builtin.Builtin.CLASSES[src[i]["label"] % 2]
             folder.mkdir(parents=True, exist_ok=True)
             src[i]["image"].resize((80, 80)).save(folder / f"{i}.png")
     (tmp_path / "train" / "circle" / "bad.jpg").write_bytes(b"not a jpeg")

@@ -7,10 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
+import builtin
 import data
 import train
 import viz
 from model import M3AE, load_model, make_config, patchify
+from tokenizer import Tokenizer
 
 SAMPLES = 2
 
@@ -31,11 +33,11 @@ def loaded(run):
     """(model, tokenizer, batch of SAMPLES built-in test samples, samples) as viz.main prepares them."""
     model, _ = load_model(run / "ckpt.pt")
     model.eval()
-    tokenizer = data.Tokenizer(str(run / "tokenizer.model"))
+    tokenizer = Tokenizer(str(run / "tokenizer.model"))
     c = model.config
-    source = data.Builtin("test", SAMPLES, c.image_size)
+    source = builtin.Builtin("test", SAMPLES, c.image_size)
     samples = [dict(source[i], name=str(i)) for i in range(SAMPLES)]
-    transform = data.eval_transform(c.image_size, data.BUILTIN_MEAN, data.BUILTIN_STD, crop_pct=1.0)
+    transform = data.EvalTransform(c.image_size, builtin.BUILTIN_MEAN, builtin.BUILTIN_STD, crop_pct=1.0)
     return model, tokenizer, viz.make_batch(samples, tokenizer, c.text_len, transform), samples
 
 
@@ -69,14 +71,14 @@ def test_each_mode_writes_a_png_of_its_layout_size(run, loaded, tmp_path, mode, 
 
 def test_image_and_caption_flags_and_default_out_dir(run, tmp_path):
     # a non-square photo-sized PNG: resized and centre-cropped to the model's 64 px
-    data.Builtin("test", 3)[2]["image"].resize((120, 90)).save(tmp_path / "mine.png")
+    builtin.Builtin("test", 3)[2]["image"].resize((120, 90)).save(tmp_path / "mine.png")
     argv = ["--ckpt", str(run / "ckpt.pt"), "--image", str(tmp_path / "mine.png"), "--caption", "a red circle",
             "--word", "circle", "--patch", "3,4", "--scale", "2", "--true-colour"]
     written = viz.main(argv)
     assert set(written) == {"recon", "caption", "attention_word", "attention_patch"}
     assert all(os.path.dirname(p) == str(run / "viz") for p in written.values())  # viz/ next to the checkpoint
     model, _ = load_model(run / "ckpt.pt")
-    tokenizer = data.Tokenizer(str(run / "tokenizer.model"))
+    tokenizer = Tokenizer(str(run / "tokenizer.model"))
     n_words = word_counts(tokenizer, ["a red circle"], model.config.text_len)
     assert n_words == [3]
     with Image.open(written["recon"]) as im:
