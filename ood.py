@@ -25,7 +25,6 @@ Metrics (numpy, ties handled; tests/test_ood.py checks them against brute-force 
   aupr_out  average precision with OOD as positive (score as the ranking)
 """
 
-import argparse
 import json
 import os
 import time
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 
 import probe
+from util import make_parser, pretraining_info
 
 # -----------------------------------------------------------------------------
 # metrics: scores of the positive and negative class, higher = more positive
@@ -137,7 +137,7 @@ def msp_scores(head, x):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     probe.add_encoder_args(p)
     probe.add_data_args(p)
     probe.add_head_args(p)
@@ -156,16 +156,17 @@ def get_args(argv=None):
 def main(argv=None):
     args = get_args(argv)
     t0 = time.perf_counter()
-    model, ckpt = probe.load_encoder(args)
+    model, ckpt = probe.load_encoder(args.ckpt, args.random_init, args.preset, args.seed, args.device)
+    d = probe.eval_data(args, ckpt, splits=("train", "test", "ood"))
     model_key = probe.weights_hash(model)
-    xtr, ytr, classes = probe.split_features(args, model, ckpt, "train", model_key)
-    x_in, _, _ = probe.split_features(args, model, ckpt, "test", model_key)
-    x_ood, _, _ = probe.split_features(args, model, ckpt, "ood", model_key)
+    xtr, ytr, classes = probe.split_features(model, d, "train", model_key)
+    x_in, _, _ = probe.split_features(model, d, "test", model_key)
+    x_ood, _, _ = probe.split_features(model, d, "ood", model_key)
     t_features = time.perf_counter() - t0
 
     g = fit_gaussians(xtr.numpy(), ytr.numpy())
     (md_in, rmd_in), (md_ood, rmd_ood) = mahalanobis_scores(g, x_in.numpy()), mahalanobis_scores(g, x_ood.numpy())
-    recipe = probe.head_recipe(args, 90)
+    recipe = probe.recipe_from_args(args, d.real, 90)
     head = probe.train_head_on_features(xtr, ytr, len(classes), seed=args.seed, **recipe)
     scores = {
         "mahalanobis": ood_metrics(md_in, md_ood),
@@ -174,14 +175,13 @@ def main(argv=None):
     }
     result = dict(
         ckpt=args.ckpt, random_init=args.random_init, seed=args.seed, model_hash=model_key[:16],
-        data="folder" if args.train_dir else "builtin",
-        data_seed=None if args.train_dir else probe.data_seed(args, ckpt),
+        data="folder" if d.real else "builtin", data_seed=None if d.real else d.data_seed,
         sizes=dict(in_train=len(xtr), in_test=len(x_in), ood=len(x_ood)), classes=len(classes),
         convention="positive = in-distribution; scores higher = more OOD; metrics in %",
-        scores=scores, head_recipe=recipe, pretraining=probe.pretraining_info(ckpt),
+        scores=scores, head_recipe=recipe, pretraining=pretraining_info(ckpt),
         seconds=dict(features=round(t_features, 1), total=round(time.perf_counter() - t0, 1)),
     )
-    out = probe.out_path_for(args, "ood")
+    out = probe.out_path_for(args.ckpt, args.out, args.preset, args.random_init, "ood")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=2)

@@ -4,9 +4,8 @@
     python probe.py --ckpt runs/default/ckpt.pt --mode full      # train-time augmentation through the encoder
     python probe.py --ckpt runs/default/ckpt.pt --random-init    # the floor: same architecture, untrained
     python probe.py --ckpt ckpt.pt --train-dir imagenet/train --test-dir imagenet/val --mode full
-    python probe.py --table runs/sweep                           # aggregate a sweep (sweep.sh) into a table
 
-Protocol (../shared/REFERENCE.md, "Linear probe"; where we depart, a comment says so):
+Protocol (the paper's and mae's, docs/reference.md "Linear probe"; where we depart, a comment says so):
   * feature: the CLS token after the encoder's final LayerNorm, image only (no text), no masking, frozen.
   * head: BatchNorm1d without affine (eps 1e-6, as mae) + Linear (trunc-normal std 0.01, zero bias, as mae).
   * optimiser: LARS (momentum 0.9, trust coefficient 0.001, no weight decay), lr = base_lr x batch / 256 with
@@ -22,16 +21,12 @@ Protocol (../shared/REFERENCE.md, "Linear probe"; where we depart, a comment say
 Prints top-1/top-5 and writes a JSON result (default: probe_<mode>.json next to the checkpoint).
 """
 
-import argparse
-import glob
 import hashlib
 import json
 import os
-import re
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -40,11 +35,8 @@ from tqdm import tqdm
 import builtin
 import data
 from model import M3AE, PRESETS, load_model, make_config
-from train import SeededSamples, lr_at, mix_seed, save_atomic
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-NORMS = {"builtin": (builtin.BUILTIN_MEAN, builtin.BUILTIN_STD), "cc12m": (data.CC12M_MEAN, data.CC12M_STD),
-         "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
+from util import (NORMS, SeededSamples, checkpoint_data_level, checkpoint_data_seed, checkpoint_norm, lr_at,
+                  make_parser, mix_seed, pretraining_info, save_atomic)
 
 # -----------------------------------------------------------------------------
 # arguments (the encoder/data/head groups are shared with ood.py)
@@ -90,7 +82,7 @@ def add_head_args(p):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     add_encoder_args(p)
     add_data_args(p)
     add_head_args(p)
@@ -100,10 +92,9 @@ def get_args(argv=None):
       "object's shape (10 classes) or its colour (11); results go to probe_<mode>[_colour].json")
     a("--knn-k", type=int, default=20, help="kNN neighbours")
     a("--knn-t", type=float, default=0.07, help="kNN temperature of the vote weights exp(sim / t)")
-    a("--table", metavar="SWEEP_DIR", help="only aggregate SWEEP_DIR/<variant>_s<seed>/*.json into a table")
     args = p.parse_args(argv)
-    if not args.table and not args.ckpt and not args.random_init:
-        p.error("give --ckpt (or --random-init [--preset], or --table)")
+    if not args.ckpt and not args.random_init:
+        p.error("give --ckpt (or --random-init [--preset])")
     if bool(args.train_dir) != bool(args.test_dir):
         p.error("real data needs both --train-dir and --test-dir")
     if args.train_dir and args.label != "shape":
@@ -157,18 +148,19 @@ class LARS(torch.optim.Optimizer):
 # encoder and data
 
 
-def load_encoder(args):
-    """(model in eval mode, the checkpoint dict or {}). --random-init keeps the architecture, redraws weights."""
+def load_encoder(ckpt_path=None, random_init=False, preset="tiny", seed=0, device="cpu"):
+    """(model in eval mode, the checkpoint dict or {}). random_init keeps the checkpoint's architecture (or the
+    preset's, without a checkpoint) and draws fresh weights from `seed`: the floor every probe is read against."""
     ckpt = {}
-    if args.ckpt:
-        model, ckpt = load_model(args.ckpt)
+    if ckpt_path:
+        model, ckpt = load_model(ckpt_path)
         config = model.config
     else:
-        config = make_config(args.preset, vocab_size=PRESETS[args.preset].get("vocab_size", 1024))
-    if args.random_init:
-        torch.manual_seed(args.seed)
+        config = make_config(preset, vocab_size=PRESETS[preset].get("vocab_size", 1024))
+    if random_init:
+        torch.manual_seed(seed)
         model = M3AE(config)
-    return model.to(args.device).eval(), ckpt
+    return model.to(device).eval(), ckpt
 
 
 def weights_hash(model):
@@ -195,36 +187,54 @@ def folder_identity(root):
     return f"folder:{os.path.abspath(root)}:{h.hexdigest()[:16]}"
 
 
-def normalisation(args, ckpt):
-    if args.norm != "auto":
-        return NORMS[args.norm]
-    default = "cc12m" if getattr(args, "train_dir", None) else "builtin"  # viz.py's args have no --train-dir
-    pretrained_on = ckpt.get("args", {}).get("data", default)
-    return NORMS["builtin" if pretrained_on == "builtin" else "cc12m"]
+@dataclass
+class EvalData:
+    """Which images an evaluation reads and how they are viewed. Folders (ImageFolder class sub-folders; the OOD
+    folder any layout) when given, else the built-in splits (sizes, data seed and level, label). The view:
+    resize + centre crop_pct + normalise with (mean, std). Features are cached under cache_dir."""
+    mean: tuple
+    std: tuple
+    crop_pct: float
+    cache_dir: str
+    folders: dict  # split name -> folder, for the splits given as folders
+    sizes: dict  # split name -> built-in image count (None: the split's default)
+    data_seed: int = 0
+    data_level: str = "easy"
+    label: str = "shape"
+    batch_size: int = 256
+    workers: int = 0
+
+    @property
+    def real(self):
+        return bool(self.folders)
 
 
-def data_seed(args, ckpt):
-    return args.data_seed if args.data_seed is not None else ckpt.get("args", {}).get("data_seed", 0)
+def eval_data(args, ckpt, splits=("train", "test")):
+    """EvalData from probe.py's / ood.py's flags (add_encoder_args + add_data_args) and what the checkpoint says
+    (its normalisation, data seed and level); the one place flags become values."""
+    folders = {s: getattr(args, f"{s}_dir") for s in splits if getattr(args, f"{s}_dir", None)}
+    mean, std = NORMS[args.norm] if args.norm != "auto" else checkpoint_norm(ckpt, real_data_default=bool(folders))
+    crop = args.crop_pct if args.crop_pct is not None else (0.875 if folders else 1.0)
+    return EvalData(mean=mean, std=std, crop_pct=crop, cache_dir=cache_dir_for(args.ckpt, args.cache_dir, args.preset),
+                    folders=folders, sizes={s: getattr(args, f"{s}_size", None) for s in splits},
+                    data_seed=args.data_seed if args.data_seed is not None else checkpoint_data_seed(ckpt),
+                    data_level=args.data_level or checkpoint_data_level(ckpt), label=getattr(args, "label", "shape"),
+                    batch_size=args.batch_size_features, workers=args.workers)
 
 
-def data_level(args, ckpt):
-    """The built-in difficulty the checkpoint was pretrained on ("hard" for checkpoints older than the knob)."""
-    return getattr(args, "data_level", None) or ckpt.get("args", {}).get("data_level", "hard")
-
-
-def labelled_source(args, ckpt, which, image_size):
-    """(source of dict(image, label), identity string, class names) for split `which` in train/test/ood. The
-    built-in data by default; --train-dir/--test-dir (and ood.py's --ood-dir) for real images."""
-    folder = getattr(args, f"{which}_dir", None)
+def labelled_source(d, which, image_size):
+    """(source of dict(image, label), identity string, class names) for split `which` (train, test or ood) of
+    EvalData d: its folder when given, else the built-in split."""
+    folder = d.folders.get(which)
     if folder:
         if which == "ood":  # any layout, no labels needed
             return Unlabelled(data.ImageOnlyFolder(folder)), folder_identity(folder) + ":unlabelled", None
         source = data.ImageFolder(folder)
         return source, folder_identity(folder), source.classes
-    size = getattr(args, f"{which}_size", None)
-    seed, level, label = data_seed(args, ckpt), data_level(args, ckpt), getattr(args, "label", "shape")
-    source = builtin.Builtin(which, size, image_size, seed=seed, level=level, label=label)
-    return source, f"builtin:{which}:{len(source)}:{image_size}px:seed{seed}:{level}:{label}", source.classes
+    source = builtin.Builtin(which, d.sizes.get(which), image_size, seed=d.data_seed, level=d.data_level,
+                             label=d.label)
+    identity = f"builtin:{which}:{len(source)}:{image_size}px:seed{d.data_seed}:{d.data_level}:{d.label}"
+    return source, identity, source.classes
 
 
 class Unlabelled(torch.utils.data.Dataset):
@@ -240,11 +250,16 @@ class Unlabelled(torch.utils.data.Dataset):
         return dict(image=self.source[i]["image"], label=-1)
 
 
-def eval_view(args, ckpt, image_size):
-    """(transform, identity string) of the evaluation view: resize + centre crop + normalise."""
-    mean, std = normalisation(args, ckpt)
-    crop = args.crop_pct if args.crop_pct is not None else (0.875 if args.train_dir else 1.0)
-    return data.EvalTransform(image_size, mean, std, crop), f"eval:{image_size}:{crop}:{mean}:{std}"
+def split_features(model, d, which, model_key=None):
+    """(features, labels, class names) of split `which` (train, test or ood) of EvalData d, through its
+    evaluation view, cached on disk."""
+    image_size = model.config.image_size
+    source, identity, classes = labelled_source(d, which, image_size)
+    transform = data.EvalTransform(image_size, d.mean, d.std, d.crop_pct)
+    view = f"eval:{image_size}:{d.crop_pct}:{d.mean}:{d.std}"
+    x, y = cached_features(model, model_key or weights_hash(model), data.LabelledDataset(source, transform),
+                           f"{identity}|{view}|cls", d.cache_dir, d.batch_size, d.workers)
+    return x, y, classes
 
 
 # -----------------------------------------------------------------------------
@@ -288,30 +303,20 @@ def cached_features(model, model_key, dataset, data_key, cache_dir, batch_size=2
     return x, y
 
 
-def cache_dir_for(args):
-    if args.cache_dir:
-        return args.cache_dir
-    return os.path.join(os.path.dirname(os.path.abspath(args.ckpt)) if args.ckpt else
-                        os.path.join("runs", f"random_init_{args.preset}"), "features")
+def run_folder(ckpt_path, preset):
+    """Where results and features of an encoder go: next to its checkpoint (runs/random_init_<preset> without)."""
+    return os.path.dirname(os.path.abspath(ckpt_path)) if ckpt_path else os.path.join("runs", f"random_init_{preset}")
 
 
-def out_path_for(args, name):
+def cache_dir_for(ckpt_path, cache_dir=None, preset="tiny"):
+    return cache_dir or os.path.join(run_folder(ckpt_path, preset), "features")
+
+
+def out_path_for(ckpt_path, out, preset, random_init, name):
     """Default JSON result path: <checkpoint dir>/<name>[_random_init].json."""
-    if args.out:
-        return args.out
-    folder = os.path.dirname(os.path.abspath(args.ckpt)) if args.ckpt else os.path.join(
-        "runs", f"random_init_{args.preset}")
-    return os.path.join(folder, f"{name}{'_random_init' if args.random_init else ''}.json")
-
-
-def split_features(args, model, ckpt, which, model_key=None):
-    """(features, labels, class names) of split `which` (train, test or ood) through the evaluation view."""
-    image_size = model.config.image_size
-    source, identity, classes = labelled_source(args, ckpt, which, image_size)
-    transform, view = eval_view(args, ckpt, image_size)
-    x, y = cached_features(model, model_key or weights_hash(model), data.LabelledDataset(source, transform),
-                           f"{identity}|{view}|cls", cache_dir_for(args), args.batch_size_features, args.workers)
-    return x, y, classes
+    if out:
+        return out
+    return os.path.join(run_folder(ckpt_path, preset), f"{name}{'_random_init' if random_init else ''}.json")
 
 
 # -----------------------------------------------------------------------------
@@ -421,40 +426,89 @@ def knn_accuracy(xtr, ytr, xte, yte, num_classes, k=20, t=0.07, chunk=1024):
 
 
 # -----------------------------------------------------------------------------
+# the head's recipe, and the quick checks train.py runs at the end on the built-in data
 
 
-def head_recipe(args, default_epochs=90):
-    """The head's training recipe from the flags. Default base lr: the paper's 0.1 for real data; 6.4 for the
-    built-in data. Why: LARS moves each weight matrix by lr x 0.001 x ||w|| per step, so how far the head can
-    travel scales with lr x steps, and under the linear scaling rule lr x steps = base_lr x images x epochs / 256
+def head_recipe(optimizer="lars", epochs=90, batch_size=256, base_lr=None, warmup_epochs=None, weight_decay=0.0,
+                real_data=False):
+    """The head's training recipe. Default base lr: the paper's 0.1 for real data; 6.4 for LARS on the built-in
+    data. Why: LARS moves each weight matrix by lr x 0.001 x ||w|| per step, so how far the head can travel
+    scales with lr x steps, and under the linear scaling rule lr x steps = base_lr x images x epochs / 256
     whatever the batch. mae's ImageNet probe (1.28M images, lr 6.4, ~7000 steps) travels 256 x further than the
     same recipe on our 5000 images; on synthetic features of that size, base lr 0.1 reaches 33% where SGD or
-    Adam reach 64%, base lr 6.4 reaches 64.6% (README, "Linear probe"). 6.4 is mae's absolute lr."""
-    epochs = args.epochs if args.epochs is not None else default_epochs
-    builtin_lars = args.optimizer == "lars" and not args.train_dir
-    base_lr = args.base_lr if args.base_lr is not None else (6.4 if builtin_lars else 0.1)
-    return dict(epochs=epochs, batch_size=args.batch_size, base_lr=base_lr, optimizer=args.optimizer,
-                warmup_epochs=args.warmup_epochs, weight_decay=args.weight_decay)
+    Adam reach 64%, base lr 6.4 reaches 64.6% (docs/results.md, "Linear probe"). 6.4 is mae's absolute lr."""
+    if base_lr is None:
+        base_lr = 6.4 if optimizer == "lars" and not real_data else 0.1
+    return dict(epochs=epochs, batch_size=batch_size, base_lr=base_lr, optimizer=optimizer,
+                warmup_epochs=warmup_epochs, weight_decay=weight_decay)
 
 
-def pretraining_info(ckpt):
-    """What the checkpoint was trained with (from train.py's args), for the result and the sweep table."""
-    a = ckpt.get("args", {})
-    keys = ("steps", "seed", "no_text", "text_mask_ratio", "image_mask_ratio", "paired_share", "data", "data_seed",
-            "data_level")
-    return {k: a[k] for k in keys if k in a}
+def recipe_from_args(args, real_data, default_epochs=90):
+    return head_recipe(args.optimizer, args.epochs if args.epochs is not None else default_epochs, args.batch_size,
+                       args.base_lr, args.warmup_epochs, args.weight_decay, real_data)
+
+
+def quick_probe(model, train_set, test_set, seed=0):
+    """probe.py's fast mode with its defaults for the built-in data (frozen CLS features after the final norm,
+    BatchNorm(affine=False) + Linear, LARS, 90 epochs, base lr 6.4), once per label of the built-in data (the
+    main object's shape, then its colour) on the same features: {label: test top-1 in %}. The same numbers as
+    `python probe.py --ckpt OUT_DIR/ckpt.pt --seed SEED [--label colour]` on the same image counts."""
+    recipe = head_recipe()
+    xtr, _, _ = extract_features(model, train_set)
+    xte, _, _ = extract_features(model, test_set)
+    accs = {}
+    for label in builtin.Builtin.LABELS:
+        ytr, yte = (torch.tensor(s.source.labels(label)) for s in (train_set, test_set))
+        num_classes = len(train_set.source.label_classes(label))
+        head = train_head_on_features(xtr, ytr, num_classes, seed=seed, **recipe)
+        with torch.no_grad():
+            accs[label] = topk_accuracy(head(xte), yte, ks=(1,))[1]
+    return accs
+
+
+@torch.no_grad()
+def text_grounding(model, pairs, seed=0, batch_size=256):
+    """Does the text path read the image? The masked-word cross-entropy of held-out pairs (a dataset of
+    pretraining samples, e.g. built-in test pairs) with their own images, and with the same images rolled by one
+    (each caption beside another sample's image), with the same masks: (own, other). A model whose text loss
+    is only a language model of the captions gives own == other, and then the text cannot teach the image
+    features anything (the mechanism of the paper's section 3: predicting masked words from the image)."""
+    model.eval()
+    batch = data.collate([pairs[i] for i in range(len(pairs))])
+    images, text, pad = batch["image"], batch["text"], batch["text_padding_mask"]
+    device = model.cls_token.device
+    g = torch.Generator().manual_seed(seed)
+    noise = [torch.rand(len(text), n, generator=g).to(device) for n in (model.config.num_patches, text.size(1))]
+    others = images.roll(1, 0)
+    sums = [0.0, 0.0]
+    for i in range(0, len(text), batch_size):  # the loss is a mean over samples: chunks add up weighted by size
+        rows = slice(i, i + batch_size)
+        t, p, n = text[rows].to(device), pad[rows].to(device), [x[rows] for x in noise]
+        for k, x in enumerate((images[rows], others[rows])):
+            sums[k] += model(x.to(device), t, p, *n)["text_loss"].item() * len(t)
+    return sums[0] / len(text), sums[1] / len(text)
+
+
+def builtin_text_grounding(model, tokenizer, data_seed=0, level="easy", seed=0, n=1000):
+    """text_grounding on the first n pairs of the built-in test split (what train.py prints at the end)."""
+    c = model.config
+    pairs = builtin.Builtin("test", n, c.image_size, seed=data_seed, level=level)
+    evaluate = data.EvalTransform(c.image_size, builtin.BUILTIN_MEAN, builtin.BUILTIN_STD, crop_pct=1.0)
+    return text_grounding(model, data.PairedDataset(pairs, tokenizer, c.text_len, evaluate), seed=seed)
+
+
+# -----------------------------------------------------------------------------
 
 
 def main(argv=None):
     args = get_args(argv)
-    if args.table:
-        return write_table(args.table)
     t0 = time.perf_counter()
-    model, ckpt = load_encoder(args)
+    model, ckpt = load_encoder(args.ckpt, args.random_init, args.preset, args.seed, args.device)
+    d = eval_data(args, ckpt)
     model_key = weights_hash(model)
-    xtr, ytr, classes = split_features(args, model, ckpt, "train", model_key)
-    xte, yte, test_classes = split_features(args, model, ckpt, "test", model_key)
-    if args.train_dir and args.test_dir and classes != test_classes:
+    xtr, ytr, classes = split_features(model, d, "train", model_key)
+    xte, yte, test_classes = split_features(model, d, "test", model_key)
+    if d.real and classes != test_classes:
         raise SystemExit(f"--train-dir and --test-dir have different class folders: {classes} vs {test_classes}")
     num_classes = len(classes)
     t_features = time.perf_counter() - t0
@@ -462,14 +516,13 @@ def main(argv=None):
     knn = knn_accuracy(xtr, ytr, xte, yte, num_classes, args.knn_k, args.knn_t)
     t1 = time.perf_counter()
     if args.mode == "fast":
-        recipe = head_recipe(args, 90)
+        recipe = recipe_from_args(args, d.real, 90)
         head = train_head_on_features(xtr, ytr, num_classes, seed=args.seed, **recipe)
     else:
         # the built-in data gets 10 epochs by default: each epoch is a full encoder pass over the train split
-        recipe = head_recipe(args, 90 if args.train_dir else 10)
-        source, _, _ = labelled_source(args, ckpt, "train", model.config.image_size)
-        mean, std = normalisation(args, ckpt)
-        augment = data.PretrainTransform(model.config.image_size, mean, std, scale=(0.08, 1.0))  # paper's probe aug
+        recipe = recipe_from_args(args, d.real, 90 if d.real else 10)
+        source, _, _ = labelled_source(d, "train", model.config.image_size)
+        augment = data.PretrainTransform(model.config.image_size, d.mean, d.std, scale=(0.08, 1.0))  # paper's aug
         head = train_head_full(model, data.LabelledDataset(source, augment), num_classes, seed=args.seed,
                                workers=args.workers, **recipe)
     head = head.cpu()
@@ -478,8 +531,8 @@ def main(argv=None):
         train_acc = topk_accuracy(head(xtr), ytr)
     result = dict(
         ckpt=args.ckpt, random_init=args.random_init, seed=args.seed, mode=args.mode, model_hash=model_key[:16],
-        data="folder" if args.train_dir else "builtin", data_seed=None if args.train_dir else data_seed(args, ckpt),
-        label=None if args.train_dir else args.label,
+        data="folder" if d.real else "builtin", data_seed=None if d.real else d.data_seed,
+        label=None if d.real else args.label,
         classes=num_classes, train_size=len(xtr), test_size=len(xte), feature_dim=xtr.size(1),
         top1=test_acc[1], top5=test_acc[5], train_top1=train_acc[1], knn_top1=knn[1], knn_top5=knn[5],
         knn=dict(k=args.knn_k, t=args.knn_t, similarity="cosine", votes="exp(sim/t)"),
@@ -489,7 +542,8 @@ def main(argv=None):
         pretraining=pretraining_info(ckpt),
         seconds=dict(features=round(t_features, 1), head=round(time.perf_counter() - t1, 1)),
     )
-    out = out_path_for(args, f"probe_{args.mode}" + ("_colour" if args.label == "colour" else ""))
+    out = out_path_for(args.ckpt, args.out, args.preset, args.random_init,
+                       f"probe_{args.mode}" + ("_colour" if args.label == "colour" else ""))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=2)
@@ -498,112 +552,6 @@ def main(argv=None):
           f"{test_acc[1]:.2f}% top-5 {test_acc[5]:.2f}% (train top-1 {train_acc[1]:.2f}%) | kNN (k={args.knn_k}) "
           f"top-1 {knn[1]:.2f}% top-5 {knn[5]:.2f}% | {len(xtr)} train / {len(xte)} test -> {out}")
     return result
-
-
-# -----------------------------------------------------------------------------
-# the sweep's table (sweep.sh trains the variants, runs probe.py and ood.py, then `probe.py --table DIR`)
-
-# sweep.sh's run names -> what they are; the paper's numbers (ImageNet linear probe / OOD AUROC, CC12M pretraining)
-VARIANTS = {
-    "m3ae": "M3AE (text mask 0.75, 100% paired)",
-    "mae": "MAE (same recipe, --no-text)",
-    "text015": "M3AE, text mask 0.15",
-    "paired10": "M3AE, 10% paired",
-    "paired0": "M3AE, 0% paired",
-    "textw2": "M3AE, text loss weight 2.0 (not the paper's 0.5)",
-    "random": "random-init encoder (floor)",
-}
-ORDERINGS = [  # (what, metric, better variant, worse variant, the paper's numbers)
-    ("1. M3AE > MAE, linear probe", "top1", "m3ae", "mae", "59.4 vs 45.2"),
-    ("1. M3AE > MAE, kNN", "knn_top1", "m3ae", "mae", "(paper: linear probe only)"),
-    ("1. M3AE > MAE, linear probe, colour label", "top1_colour", "m3ae", "mae", "(ours: built-in data)"),
-    ("1. M3AE > MAE, kNN, colour label", "knn_top1_colour", "m3ae", "mae", "-"),
-    ("2. text mask 0.75 > 0.15, linear probe", "top1", "m3ae", "text015", "64.1 vs 53.3"),
-    ("2. text mask 0.75 > 0.15, kNN", "knn_top1", "m3ae", "text015", "-"),
-    ("2. text mask 0.75 > 0.15, linear probe, colour label", "top1_colour", "m3ae", "text015", "-"),
-    ("3. paired 100% > 10%, linear probe", "top1", "m3ae", "paired10", "59.4 vs 53.3"),
-    ("3. paired 10% > 0%, linear probe", "top1", "paired10", "paired0", "53.3 vs 45.2"),
-    ("3. paired 100% > 10%, kNN", "knn_top1", "m3ae", "paired10", "-"),
-    ("3. paired 10% > 0%, kNN", "knn_top1", "paired10", "paired0", "-"),
-    ("3. paired 100% > 10%, linear probe, colour label", "top1_colour", "m3ae", "paired10", "-"),
-    ("3. paired 10% > 0%, linear probe, colour label", "top1_colour", "paired10", "paired0", "-"),
-    ("4. M3AE > MAE, OOD AUROC Mahalanobis", "ood_mahalanobis", "m3ae", "mae", "71.4 vs 69.0"),
-    ("4. M3AE > MAE, OOD AUROC MSP", "ood_msp", "m3ae", "mae", "78.5 vs 77.2"),
-]
-
-
-def collect(sweep_dir):
-    """{variant: {seed: {metric: value}}} from SWEEP_DIR/<variant>_s<seed>/ probe_fast.json (shape label),
-    probe_fast_colour.json (colour label: metrics *_colour) and ood.json; the random-init floor from
-    m3ae_s<seed>/*_random_init.json."""
-    runs = {}
-    for folder in sorted(glob.glob(os.path.join(sweep_dir, "*_s*"))):
-        m = re.fullmatch(r"(.+)_s(\d+)", os.path.basename(folder))
-        if not m:
-            continue
-        variant, seed = m.group(1), int(m.group(2))
-        for suffix, name in (("", variant), ("_random_init", "random")):
-            if suffix and variant != "m3ae":
-                continue
-            row = {}
-            for fname, fields, tag in ((f"probe_fast{suffix}.json", ("top1", "knn_top1"), ""),
-                                       (f"probe_fast_colour{suffix}.json", ("top1", "knn_top1"), "_colour"),
-                                       (f"ood{suffix}.json", None, "")):
-                path = os.path.join(folder, fname)
-                if not os.path.exists(path):
-                    continue
-                with open(path) as f:
-                    r = json.load(f)
-                if fields:
-                    row.update({k + tag: r[k] for k in fields})
-                    row["setup"] = (f"pretraining steps {r.get('pretraining', {}).get('steps', '?')}, probe "
-                                    f"{r.get('train_size', '?')} train / {r.get('test_size', '?')} test images")
-                else:
-                    row.update({f"ood_{s}": v["auroc"] for s, v in r["scores"].items()})
-            if row:
-                runs.setdefault(name, {})[seed] = row
-    return runs
-
-
-def mean_std(values):
-    """'mean ± sample std (n)'; a single value has no spread."""
-    v = np.asarray(values, dtype=float)
-    if len(v) == 0:
-        return "-"
-    return f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" if len(v) > 1 else f"{v[0]:.1f}"
-
-
-def write_table(sweep_dir):
-    runs = collect(sweep_dir)
-    metrics = [("top1", "linear probe top-1"), ("knn_top1", "kNN top-1"), ("top1_colour", "linear probe top-1, colour"),
-               ("knn_top1_colour", "kNN top-1, colour"), ("ood_mahalanobis", "OOD AUROC Mahalanobis"),
-               ("ood_relative_mahalanobis", "OOD AUROC rel. Mahalanobis"), ("ood_msp", "OOD AUROC MSP")]
-    lines = ["| run | seeds | " + " | ".join(name for _, name in metrics) + " |",
-             "|---|---|" + "---|" * len(metrics)]
-    for variant in [*[v for v in VARIANTS if v in runs], *sorted(set(runs) - set(VARIANTS))]:
-        seeds = runs[variant]
-        cells = [mean_std([r[k] for r in seeds.values() if k in r]) for k, _ in metrics]
-        lines.append(f"| {VARIANTS.get(variant, variant)} | {len(seeds)} | " + " | ".join(cells) + " |")
-    lines += ["", "| paper's ordering | paper | ours (mean ± std) | holds on the mean | seeds where it holds |",
-              "|---|---|---|---|---|"]
-    for what, metric, a, b, paper in ORDERINGS:
-        ra, rb = runs.get(a, {}), runs.get(b, {})
-        shared = sorted(s for s in set(ra) & set(rb) if metric in ra[s] and metric in rb[s])
-        if not shared:
-            lines.append(f"| {what} | {paper} | not run | - | - |")
-            continue
-        va, vb = [ra[s][metric] for s in shared], [rb[s][metric] for s in shared]
-        wins = sum(x > y for x, y in zip(va, vb))
-        holds = "yes" if np.mean(va) > np.mean(vb) else "**no**"
-        lines.append(f"| {what} | {paper} | {mean_std(va)} vs {mean_std(vb)} | {holds} | {wins}/{len(shared)} |")
-    setups = sorted({r["setup"] for seeds in runs.values() for r in seeds.values() if "setup" in r})
-    lines += ["", f"Runs in {sweep_dir}: " + "; ".join(setups) + ". Mean ± sample std over seeds; an ordering "
-              "\"holds\" when the first mean is higher; the last column counts seeds where it holds pairwise."]
-    table = "\n".join(lines) + "\n"
-    with open(os.path.join(sweep_dir, "table.md"), "w") as f:
-        f.write(table)
-    print(table)
-    return runs
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's experiment table in miniature, on the built-in data: the paper's four orderings over seeds.
+# The experiment table of docs/results.md in miniature, on the built-in data: the paper's four orderings over seeds.
 #
 #   STEPS=1000 ./sweep.sh                      # every knob below is an environment variable
 #   STEPS=2 SEEDS=0 OUT=runs/sweep_smoke TRAIN_ARGS="--train-size 128 --batch-size 16 --warmup-steps 1" \
@@ -9,7 +9,7 @@
 # the rest split into unpaired images and texts), then probe.py (fast mode: linear probe + kNN, on the main
 # object's shape, then with --label colour on its colour) and ood.py
 # (Mahalanobis, relative Mahalanobis, MSP) on each checkpoint, and both on a random-init encoder (the floor).
-# Finally `probe.py --table` writes OUT/table.md: mean ± std over seeds, and whether each ordering holds.
+# Finally `sweep.py OUT` writes OUT/table.md: mean ± std over seeds, and whether each ordering holds.
 # Re-running is cheap: train.py --resume skips finished runs and probe/ood read their cached features.
 #
 # Runs go JOBS at a time (default: one per core), each with cores/JOBS torch threads: on the 2-core CPU box,
@@ -75,5 +75,5 @@ echo "sweep: $STEPS steps, seeds $SEEDS, variants $VARIANTS; $JOBS jobs x $OMP_N
 for v in $VARIANTS; do for seed in $SEEDS; do flags "$v" >/dev/null; echo "run $v $seed"; done; done \
   | xargs -P "$JOBS" -L 1 bash "$SELF"
 for seed in $SEEDS; do echo "floor $seed"; done | xargs -P "$JOBS" -L 1 bash "$SELF"
-$PY probe.py --table "$OUT"
+$PY sweep.py "$OUT"
 echo "sweep: done in $SECONDS s"

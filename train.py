@@ -18,13 +18,12 @@ sample with fresh augmentation draws). Checkpoints are written atomically (temp 
 import argparse
 import itertools
 import json
-import math
 import os
 import random
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -32,10 +31,14 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from tqdm import tqdm
+
 import builtin
 import data
+import probe
 from model import M3AE, PRESETS, checkpoint_dict, make_config
 from tokenizer import get_tokenizer
+from util import SeededSamples, lr_at, masking_noise, mix_seed, save_atomic
 
 # -----------------------------------------------------------------------------
 # arguments
@@ -133,14 +136,6 @@ def param_groups(model, weight_decay):
             {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0}]
 
 
-def lr_at(step, max_lr, warmup, total, min_lr=0.0):
-    """Linear warmup from 0 over `warmup` steps, then half-cosine to min_lr at `total` (per step)."""
-    if step < warmup:
-        return max_lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * progress))
-
-
 def train_flops_per_sample(c, with_text=True, with_image=True):
     """Analytic FLOPs of one training step per sample (forward x 3), counting a multiply-add as 2."""
     def transformer(n, d, depth):  # qkv 6nd^2 + proj 2nd^2 + mlp 16nd^2 (ratio 4) + attention 4n^2d
@@ -155,34 +150,47 @@ def train_flops_per_sample(c, with_text=True, with_image=True):
 
 
 # -----------------------------------------------------------------------------
-# determinism and checkpoints
+# distributed set-up, determinism and checkpoints
 
 
-def mix_seed(*numbers):
-    """A 63-bit seed from a few integers (SplitMix64-style mixing), e.g. (seed, epoch, index)."""
-    x = 0
-    for n in numbers:
-        x = (x ^ (n + 0x9E3779B97F4A7C15 + (x << 6) + (x >> 2))) % 2**64
-        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
-        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % 2**64
-    return (x ^ (x >> 31)) >> 1
+@dataclass
+class Env:
+    """Where this process runs: rank among `world` (torchrun sets RANK/WORLD_SIZE/LOCAL_RANK), its device, and
+    the autocast context and compile choice that follow from it."""
+    rank: int
+    world: int
+    device: torch.device
+    autocast: object
+    compile: bool
+
+    @property
+    def ddp(self):
+        return self.world > 1 or "RANK" in os.environ
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    @property
+    def cuda(self):
+        return self.device.type == "cuda"
 
 
-class SeededSamples(torch.utils.data.Dataset):
-    """Wraps a map-style dataset so that sample (epoch, index) draws its augmentation from its own seed: what a
-    sample looks like no longer depends on the worker, the rank or the resume point (exact resume)."""
-
-    def __init__(self, dataset, seed):
-        self.dataset, self.seed = dataset, seed
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        epoch, index = key
-        with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG as it was
-            torch.manual_seed(mix_seed(self.seed, epoch, index))
-            return self.dataset[index]
+def setup(device, dtype=None, compile=None):
+    """Join the torchrun process group if there is one; pick the device, the autocast dtype (bf16 on CUDA) and
+    torch.compile (on CUDA) unless told otherwise."""
+    rank, world = 0, 1
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    dtype = {"bf16": torch.bfloat16, "fp32": None}[dtype or ("bf16" if cuda else "fp32")]
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    return Env(rank, world, device, autocast, cuda if compile is None else compile)
 
 
 def epoch_indices(n, batch_per_rank, rank, world, seed, epoch):
@@ -200,13 +208,32 @@ def epoch_indices(n, batch_per_rank, rank, world, seed, epoch):
     return keys, steps
 
 
-def masking_noise(seed, step, global_batch, rows, num_patches, text_len):
+def epoch_batches(dataset, epoch, skip, micro_batch, per_rank, env, seed, workers, epoch_samples=None,
+                  global_batch=None, grad_accum=1):
+    """(iterator over this rank's micro-batches of `epoch`, after its first `skip` steps; steps in the epoch).
+    Map-style data: a seeded permutation (epoch_indices) through SeededSamples. A stream (webdataset): data.py
+    splits the shards over ranks and workers, a rank whose shards run short starts another pass, and a resume
+    skips what was read."""
+    loader_kw = dict(batch_size=micro_batch, collate_fn=data.collate, num_workers=workers, pin_memory=env.cuda,
+                     drop_last=True)
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+
+        def endless():
+            for sweep in itertools.count():
+                dataset.set_epoch(mix_seed(epoch, sweep))
+                yield from torch.utils.data.DataLoader(dataset, **loader_kw)
+
+        return itertools.islice(endless(), skip * grad_accum, None), epoch_samples // global_batch
+    keys, steps = epoch_indices(len(dataset), per_rank, env.rank, env.world, seed, epoch)
+    loader = torch.utils.data.DataLoader(SeededSamples(dataset, seed), sampler=keys[skip * per_rank :], **loader_kw)
+    return iter(loader), steps
+
+
+def global_masking_noise(seed, step, global_batch, rows, num_patches, text_len):
     """Masking noise for rows `rows` (a slice) of global batch `step`: drawn for the whole global batch from
     (seed, step), so one process and N ranks (or any accumulation split) give each sample the same mask."""
-    g = torch.Generator().manual_seed(mix_seed(seed, step, 1))
-    image_noise = torch.rand(global_batch, num_patches, generator=g)[rows]
-    text_noise = torch.rand(global_batch, text_len, generator=g)[rows]
-    return image_noise, text_noise
+    image_noise, text_noise = masking_noise(mix_seed(seed, step, 1), global_batch, num_patches, text_len)
+    return image_noise[rows], text_noise[rows]
 
 
 def rng_state():
@@ -228,14 +255,16 @@ def set_rng_state(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def save_atomic(obj, path):
-    """Write to a temp file in the same folder, fsync, then os.replace: a crash leaves the old file intact."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def save_checkpoint(path, model, optimizer, progress, env, args):
+    """Every rank's RNG state is gathered (a collective: all ranks call this); rank 0 writes atomically."""
+    rng = [None] * env.world
+    if env.ddp:
+        dist.all_gather_object(rng, rng_state())
+    else:
+        rng = [rng_state()]
+    if env.master:
+        save_atomic(checkpoint_dict(model, optimizer=optimizer.state_dict(), rng=rng, args=vars(args), **progress),
+                    path)
 
 
 # -----------------------------------------------------------------------------
@@ -263,7 +292,7 @@ def build_data(args, image_size, text_len):
             yield from extra.captions()
 
     tokenizer = get_tokenizer(args.tokenizer or os.path.join(args.out_dir, "tokenizer.model"), captions,
-                                   args.vocab_size)
+                              args.vocab_size)
     if args.data == "builtin":
         # Built-in captions name positions ("top left"): a flip or a crop would make them wrong, and procedural
         # data never runs short of distinct images. So: normalise only.
@@ -290,278 +319,7 @@ def build_data(args, image_size, text_len):
 
 
 # -----------------------------------------------------------------------------
-# the quick probe at the end of a run
-
-
-def quick_probe(model, train_set, test_set, seed=0):
-    """probe.py's fast mode with its defaults for the built-in data (frozen CLS features after the final norm,
-    BatchNorm(affine=False) + Linear, LARS, 90 epochs, base lr 6.4), once per label of the built-in data (the
-    main object's shape, then its colour) on the same features: {label: test top-1 in %}. The same numbers as
-    `python probe.py --ckpt OUT_DIR/ckpt.pt --seed SEED [--label colour]` on the same image counts."""
-    import probe  # here, not at the top: probe.py imports this file
-
-    parser = argparse.ArgumentParser()
-    probe.add_head_args(parser)  # the head recipe's defaults live in probe.py, once
-    recipe = probe.head_recipe(parser.parse_args([], argparse.Namespace(train_dir=None)))
-    xtr, _, _ = probe.extract_features(model, train_set)
-    xte, _, _ = probe.extract_features(model, test_set)
-    accs = {}
-    for label in builtin.Builtin.LABELS:
-        ytr, yte = (torch.tensor(s.source.labels(label)) for s in (train_set, test_set))
-        num_classes = len(train_set.source.label_classes(label))
-        head = probe.train_head_on_features(xtr, ytr, num_classes, seed=seed, **recipe)
-        with torch.no_grad():
-            accs[label] = probe.topk_accuracy(head(xte), yte, ks=(1,))[1]
-    return accs
-
-
-@torch.no_grad()
-def text_grounding(model, pairs, seed=0, batch_size=256):
-    """Does the text path read the image? The masked-word cross-entropy of held-out pairs (a dataset of
-    pretraining samples, e.g. built-in test pairs) with their own images, and with the same images rolled by one
-    (each caption beside another sample's image), with the same masks: (own, other). A model whose text loss
-    is only a language model of the captions gives own == other, and then the text cannot teach the image
-    features anything (the mechanism of the paper's section 3: predicting masked words from the image)."""
-    model.eval()
-    batch = data.collate([pairs[i] for i in range(len(pairs))])
-    images, text, pad = batch["image"], batch["text"], batch["text_padding_mask"]
-    device = model.cls_token.device
-    g = torch.Generator().manual_seed(seed)
-    noise = [torch.rand(len(text), n, generator=g).to(device) for n in (model.config.num_patches, text.size(1))]
-    others = images.roll(1, 0)
-    sums = [0.0, 0.0]
-    for i in range(0, len(text), batch_size):  # the loss is a mean over samples: chunks add up weighted by size
-        rows = slice(i, i + batch_size)
-        t, p, n = text[rows].to(device), pad[rows].to(device), [x[rows] for x in noise]
-        for k, x in enumerate((images[rows], others[rows])):
-            sums[k] += model(x.to(device), t, p, *n)["text_loss"].item() * len(t)
-    return sums[0] / len(text), sums[1] / len(text)
-
-
-def builtin_text_grounding(model, tokenizer, data_seed=0, level="easy", seed=0, n=1000):
-    """text_grounding on the first n pairs of the built-in test split (what train.py prints at the end). From a
-    checkpoint: model, ckpt = load_model(path); a = ckpt["args"]; builtin_text_grounding(model,
-    Tokenizer(os.path.join(a["out_dir"], "tokenizer.model")), a["data_seed"], a["data_level"], a["seed"])."""
-    c = model.config
-    pairs = builtin.Builtin("test", n, c.image_size, seed=data_seed, level=level)
-    evaluate = data.EvalTransform(c.image_size, builtin.BUILTIN_MEAN, builtin.BUILTIN_STD, crop_pct=1.0)
-    return text_grounding(model, data.PairedDataset(pairs, tokenizer, c.text_len, evaluate), seed=seed)
-
-
-# -----------------------------------------------------------------------------
-
-
-def main(argv=None):
-    args = get_args(argv)
-    # --- distributed set-up (torchrun sets RANK/WORLD_SIZE/LOCAL_RANK) ---
-    ddp = "RANK" in os.environ
-    if ddp:
-        backend = "nccl" if args.device.startswith("cuda") else "gloo"
-        dist.init_process_group(backend)
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if args.device.startswith("cuda"):
-            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(args.device)
-    else:
-        rank, world = 0, 1
-    master = rank == 0
-    device = torch.device(args.device)
-    cuda = device.type == "cuda"
-    dtype = {"bf16": torch.bfloat16, "fp32": None}[args.dtype or ("bf16" if cuda else "fp32")]
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-    use_compile = cuda if args.compile is None else args.compile
-    if args.batch_size % (world * args.grad_accum):
-        sys.exit(f"--batch-size {args.batch_size} must divide by ranks x grad-accum = {world * args.grad_accum}")
-    per_rank = args.batch_size // world  # samples per rank per optimizer step
-    micro_batch = per_rank // args.grad_accum
-
-    if args.bench:
-        return bench(args, device, autocast, use_compile, micro_batch)
-
-    # --- data, model, optimizer ---
-    os.makedirs(args.out_dir, exist_ok=True)
-    geometry = model_config(args, vocab_size=1)  # image size and text length before the tokenizer exists
-    if ddp and not master:
-        dist.barrier()  # rank 0 trains (or loads) the tokenizer first; the others then load its file
-    tokenizer, dataset, probe_sets = build_data(args, geometry.image_size, geometry.text_len)
-    if ddp and master:
-        dist.barrier()
-    config = model_config(args, tokenizer.vocab_size)
-    torch.manual_seed(args.seed)  # the initial weights depend on --seed alone (the same on every rank)
-    model = M3AE(config).to(device)
-    if args.no_text:  # the MAE baseline never uses the text path: freeze it (DDP then expects no gradient)
-        for name, p in model.named_parameters():
-            if name.startswith(("text_", "enc_text", "dec_text")):
-                p.requires_grad_(False)
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=0.0, betas=(0.9, args.beta2),
-                                  fused=cuda)
-    max_lr = args.base_lr * args.batch_size / 256  # the linear scaling rule (mae, official)
-    step, epoch, batch_in_epoch = 0, 0, 0
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    if args.resume and os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
-        if len(ckpt["rng"]) == world:
-            set_rng_state(ckpt["rng"][rank])
-        if master:
-            print(f"resumed from {ckpt_path} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
-    if master:
-        with open(os.path.join(args.out_dir, "config.json"), "w") as f:
-            json.dump({"model": asdict(config), "args": vars(args), "world_size": world}, f, indent=2)
-        n = sum(p.numel() for p in model.parameters())
-        print(f"{args.preset}: {n / 1e6:.2f}M parameters, {'MAE baseline (no text)' if args.no_text else 'M3AE'}, "
-              f"global batch {args.batch_size} = {world} ranks x {args.grad_accum} accum x {micro_batch}, "
-              f"lr {max_lr:.2e}, device {device}, autocast {dtype}, compile {use_compile}")
-    raw_model = model
-    if use_compile:
-        model = torch.compile(model)
-    if ddp:
-        # unpaired data can leave one modality's parameters without a gradient on some rank
-        model = DDP(model, device_ids=[device.index] if cuda else None,
-                    find_unused_parameters=args.paired_share < 1 or bool(args.text_file or args.image_dir))
-
-    stream = isinstance(dataset, torch.utils.data.IterableDataset)
-    if stream and not args.epoch_samples:
-        sys.exit("--data wds needs --epoch-samples (a stream has no length)")
-    seeded = None if stream else SeededSamples(dataset, args.seed)
-
-    def epoch_batches(epoch, skip):
-        """(iterator over this rank's micro-batches of `epoch`, after the first `skip` steps; steps in the epoch)."""
-        loader_kw = dict(batch_size=micro_batch, collate_fn=data.collate, num_workers=args.workers,
-                         pin_memory=cuda, drop_last=True)
-        if stream:  # shards are split over ranks and workers by data.py; resume skips what was read
-
-            def endless():  # a rank whose shards run short starts another pass, so every rank has `steps` steps
-                for sweep in itertools.count():
-                    dataset.set_epoch(mix_seed(epoch, sweep))
-                    yield from torch.utils.data.DataLoader(dataset, **loader_kw)
-
-            steps = args.epoch_samples // args.batch_size
-            return itertools.islice(endless(), skip * args.grad_accum, None), steps
-        keys, steps = epoch_indices(len(seeded), per_rank, rank, world, args.seed, epoch)
-        loader = torch.utils.data.DataLoader(seeded, sampler=keys[skip * per_rank :], **loader_kw)
-        return iter(loader), steps
-
-    flops_per_sample = train_flops_per_sample(config, with_text=not args.no_text)
-    log_file = open(os.path.join(args.out_dir, "log.jsonl"), "a") if master else None
-    skips = data.SkipLog()
-
-    def save(path=ckpt_path):
-        rng = [None] * world
-        if ddp:
-            dist.all_gather_object(rng, rng_state())
-        else:
-            rng = [rng_state()]
-        if master:
-            save_atomic(checkpoint_dict(raw_model, optimizer=optimizer.state_dict(), step=step, epoch=epoch,
-                                        batch_in_epoch=batch_in_epoch, rng=rng, args=vars(args)), path)
-
-    def check_finite():
-        """One host sync: stop, naming the first bad step, if any loss since the last check was not finite.
-        Called before every save, so a checkpoint never holds weights updated by a non-finite loss."""
-        if first_bad.item() >= 0:
-            if log_file:
-                log_file.close()
-            raise FloatingPointError(f"non-finite loss at step {first_bad.item() + 1}; stopped. The last good "
-                                     f"checkpoint (if any) is {ckpt_path}, written before that step")
-
-    # --- the loop ---
-    first_bad = torch.tensor(-1, device=device)  # index of the first step with a non-finite loss, kept on device
-    from tqdm import tqdm
-
-    bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
-    t_last, samples_since = time.perf_counter(), 0
-    while step < args.steps:
-        batches, steps_in_epoch = epoch_batches(epoch, batch_in_epoch)
-        if steps_in_epoch == 0:
-            sys.exit(f"the dataset ({len(dataset) if not stream else args.epoch_samples}) is smaller than one "
-                     f"global batch ({args.batch_size})")
-        while batch_in_epoch < steps_in_epoch and step < args.steps:
-            lr = lr_at(step, max_lr, args.warmup_steps, args.steps, args.min_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            parts = torch.zeros(3, device=device)  # loss, image loss, text loss (summed over micro-batches)
-            for micro in range(args.grad_accum):
-                batch = next(batches)
-                skips.add(batch.pop("skipped"))
-                weight = 1.0
-                if len(batch["image"]) == 0:  # every sample was bad: a blank one with weight 0 keeps DDP in step
-                    batch, weight = blank_batch(batch), 0.0
-                start = rank * per_rank + micro * micro_batch  # this micro-batch's rows of the global batch
-                rows = slice(start, start + len(batch["image"]))  # (a batch shrinks when bad samples are skipped)
-                batch["image_noise"], batch["text_noise"] = masking_noise(
-                    args.seed, step, args.batch_size, rows, config.num_patches, config.text_len)
-                text_only = ~batch["has_image"]  # read on the host, before the copy: no device sync
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                sync = nullcontext() if (not ddp or micro == args.grad_accum - 1) else model.no_sync()
-                with sync, autocast:
-                    out = forward_batch(model, batch, args.no_text, text_only)
-                    loss = out["loss"] * (weight / args.grad_accum)
-                loss.backward()
-                parts += torch.stack([out["loss"], out["image_loss"], out["text_loss"]]).detach() * (weight / args.grad_accum)
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad if args.clip_grad > 0 else
-                                                 float("inf"))
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(parts[0]), step, first_bad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            batch_in_epoch += 1
-            samples_since += args.batch_size
-            bar.update(1)
-
-            if step % args.log_every == 0 or step == args.steps:
-                check_finite()
-                if ddp:
-                    dist.all_reduce(parts, op=dist.ReduceOp.AVG)
-                if master:
-                    dt = time.perf_counter() - t_last
-                    rate = samples_since / dt
-                    rec = dict(step=step, loss=parts[0].item(), image_loss=parts[1].item(),
-                               text_loss=parts[2].item(), lr=lr, grad_norm=grad_norm.item(), images_per_s=rate)
-                    if cuda:
-                        rec["mfu"] = rate * flops_per_sample / (args.peak_tflops * 1e12 * world)
-                    log_file.write(json.dumps(rec) + "\n")
-                    log_file.flush()
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}", img=f"{rec['image_loss']:.4f}",
-                                    txt=f"{rec['text_loss']:.3f}", lr=f"{lr:.2e}", ips=f"{rate:.0f}",
-                                    **({"mfu": f"{rec['mfu']:.1%}"} if cuda else {}))
-                t_last, samples_since = time.perf_counter(), 0
-            if step % args.save_every == 0 or step == args.steps or step == args.stop_after:
-                check_finite()
-                save()
-            if step == args.stop_after:
-                bar.close()
-                if ddp:
-                    dist.destroy_process_group()
-                return None
-        if batch_in_epoch >= steps_in_epoch:
-            if master and skips.total():
-                tqdm.write(f"epoch {epoch}: {skips.report()}")
-            epoch, batch_in_epoch, skips = epoch + 1, 0, data.SkipLog()
-    bar.close()
-
-    # --- a quick look at what it learned ---
-    result = None
-    if master and args.probe and probe_sets is not None:
-        accs = quick_probe(raw_model, *probe_sets, seed=args.seed)
-        result = {"probe_top1": accs["shape"], "probe_top1_colour": accs["colour"], "steps": step,
-                  "model": "MAE (no text)" if args.no_text else "M3AE"}
-        print(f"quick linear probe (probe.py fast mode: frozen CLS, BatchNorm + Linear, LARS) top-1: main object's "
-              f"shape {accs['shape']:.2f}% (10 classes), its colour {accs['colour']:.2f}% (11 classes)")
-        if not args.no_text:
-            own, other = builtin_text_grounding(raw_model, tokenizer, args.data_seed, args.data_level, args.seed)
-            result.update(text_ce_own_image=own, text_ce_other_image=other)
-            print(f"text grounding: masked-word cross-entropy {own:.3f} beside its own image, {other:.3f} beside "
-                  f"another's (1000 held-out pairs; equal = the text ignores the image)")
-        with open(os.path.join(args.out_dir, "probe.json"), "w") as f:
-            json.dump(result, f)
-    if log_file:
-        log_file.close()
-    if ddp:
-        dist.destroy_process_group()
-    return result
+# one optimizer step
 
 
 def blank_batch(empty):
@@ -592,16 +350,217 @@ def forward_batch(model, batch, no_text, text_only):
     return {k: sum(o[k] for o in outs) for k in ("loss", "image_loss", "text_loss")}
 
 
+def train_step(model, optimizer, batches, step, lr, env, args, config, skips):
+    """One optimizer step over args.grad_accum micro-batches of this rank. Returns (loss parts (3,) on the
+    device: loss, image loss, text loss, averaged over micro-batches; the gradient norm before clipping)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    per_rank = args.batch_size // env.world
+    micro_batch = per_rank // args.grad_accum
+    parts = torch.zeros(3, device=env.device)
+    for micro in range(args.grad_accum):
+        batch = next(batches)
+        skips.add(batch.pop("skipped"))
+        weight = 1.0
+        if len(batch["image"]) == 0:  # every sample was bad: a blank one with weight 0 keeps DDP in step
+            batch, weight = blank_batch(batch), 0.0
+        start = env.rank * per_rank + micro * micro_batch  # this micro-batch's rows of the global batch
+        rows = slice(start, start + len(batch["image"]))  # (a batch shrinks when bad samples are skipped)
+        batch["image_noise"], batch["text_noise"] = global_masking_noise(
+            args.seed, step, args.batch_size, rows, config.num_patches, config.text_len)
+        text_only = ~batch["has_image"]  # read on the host, before the copy: no device sync
+        batch = {k: v.to(env.device, non_blocking=True) for k, v in batch.items()}
+        sync = nullcontext() if (not env.ddp or micro == args.grad_accum - 1) else model.no_sync()
+        with sync, env.autocast:
+            out = forward_batch(model, batch, args.no_text, text_only)
+            loss = out["loss"] * (weight / args.grad_accum)
+        loss.backward()
+        parts += torch.stack([out["loss"], out["image_loss"], out["text_loss"]]).detach() * (weight / args.grad_accum)
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad if args.clip_grad > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return parts, grad_norm
+
+
 # -----------------------------------------------------------------------------
 
 
-def bench(args, device, autocast, use_compile, micro_batch):
+def main(argv=None):
+    args = get_args(argv)
+    env = setup(args.device, args.dtype, args.compile)
+    if args.batch_size % (env.world * args.grad_accum):
+        sys.exit(f"--batch-size {args.batch_size} must divide by ranks x grad-accum = {env.world * args.grad_accum}")
+    per_rank = args.batch_size // env.world  # samples per rank per optimizer step
+    micro_batch = per_rank // args.grad_accum
+    if args.bench:
+        return bench(args, env, micro_batch)
+
+    # --- tokenizer and data (rank 0 trains or loads the tokenizer first; the others then load its file) ---
+    os.makedirs(args.out_dir, exist_ok=True)
+    geometry = model_config(args, vocab_size=1)  # image size and text length before the tokenizer exists
+    if env.ddp and not env.master:
+        dist.barrier()
+    tokenizer, dataset, probe_sets = build_data(args, geometry.image_size, geometry.text_len)
+    if env.ddp and env.master:
+        dist.barrier()
+    stream = isinstance(dataset, torch.utils.data.IterableDataset)
+    if stream and not args.epoch_samples:
+        sys.exit("--data wds needs --epoch-samples (a stream has no length)")
+
+    # --- model and optimizer; the initial weights depend on --seed alone (the same on every rank) ---
+    config = model_config(args, tokenizer.vocab_size)
+    torch.manual_seed(args.seed)
+    model = M3AE(config).to(env.device)
+    if args.no_text:  # the MAE baseline never uses the text path: freeze it (DDP then expects no gradient)
+        for name, p in model.named_parameters():
+            if name.startswith(("text_", "enc_text", "dec_text")):
+                p.requires_grad_(False)
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=0.0, betas=(0.9, args.beta2),
+                                  fused=env.cuda)
+    max_lr = args.base_lr * args.batch_size / 256  # the linear scaling rule (mae, official)
+
+    # --- resume ---
+    progress = dict(step=0, epoch=0, batch_in_epoch=0)
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    if args.resume and os.path.exists(ckpt_path):
+        ckpt = torch.load(ckpt_path, map_location=env.device, weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        progress = {k: ckpt[k] for k in progress}
+        if len(ckpt["rng"]) == env.world:
+            set_rng_state(ckpt["rng"][env.rank])
+        if env.master:
+            print(f"resumed from {ckpt_path} at step {progress['step']} (epoch {progress['epoch']}, batch "
+                  f"{progress['batch_in_epoch']})")
+    if env.master:
+        with open(os.path.join(args.out_dir, "config.json"), "w") as f:
+            json.dump({"model": asdict(config), "args": vars(args), "world_size": env.world}, f, indent=2)
+        n = sum(p.numel() for p in model.parameters())
+        print(f"{args.preset}: {n / 1e6:.2f}M parameters, {'MAE baseline (no text)' if args.no_text else 'M3AE'}, "
+              f"global batch {args.batch_size} = {env.world} ranks x {args.grad_accum} accum x {micro_batch}, "
+              f"lr {max_lr:.2e}, device {env.device}, autocast {args.dtype or ('bf16' if env.cuda else 'fp32')}, "
+              f"compile {env.compile}")
+
+    # --- compile and DDP wrap the model the loop steps; `model` stays the plain module we save ---
+    step_model = torch.compile(model) if env.compile else model
+    if env.ddp:
+        # unpaired data can leave one modality's parameters without a gradient on some rank
+        step_model = DDP(step_model, device_ids=[env.device.index] if env.cuda else None,
+                         find_unused_parameters=args.paired_share < 1 or bool(args.text_file or args.image_dir))
+
+    # --- the loop ---
+    finished = loop(step_model, model, optimizer, dataset, progress, max_lr, env, args, config, ckpt_path,
+                    micro_batch, per_rank)
+
+    # --- a quick look at what it learned (built-in data) ---
+    result = None
+    if finished and env.master and args.probe and probe_sets is not None:
+        result = end_of_run_check(model, tokenizer, probe_sets, args, progress["step"])
+    if env.ddp:
+        dist.destroy_process_group()
+    return result
+
+
+def loop(step_model, model, optimizer, dataset, progress, max_lr, env, args, config, ckpt_path, micro_batch,
+         per_rank):
+    """Train from `progress` (step, epoch, batch_in_epoch; updated in place) to args.steps. Logs every
+    --log-every steps, saves every --save-every. Returns False when --stop-after ended it early."""
+    flops_per_sample = train_flops_per_sample(config, with_text=not args.no_text)
+    log_file = open(os.path.join(args.out_dir, "log.jsonl"), "a") if env.master else None
+    skips = data.SkipLog()
+    first_bad = torch.tensor(-1, device=env.device)  # index of the first step with a non-finite loss, on device
+
+    def check_finite():
+        """One host sync: stop, naming the first bad step, if any loss since the last check was not finite.
+        Called before every save, so a checkpoint never holds weights updated by a non-finite loss."""
+        if first_bad.item() >= 0:
+            if log_file:
+                log_file.close()
+            raise FloatingPointError(f"non-finite loss at step {first_bad.item() + 1}; stopped. The last good "
+                                     f"checkpoint (if any) is {ckpt_path}, written before that step")
+
+    bar = tqdm(total=args.steps, initial=progress["step"], disable=not env.master, dynamic_ncols=True)
+    t_last, samples_since = time.perf_counter(), 0
+    while progress["step"] < args.steps:
+        batches, steps_in_epoch = epoch_batches(dataset, progress["epoch"], progress["batch_in_epoch"], micro_batch,
+                                                per_rank, env, args.seed, args.workers, args.epoch_samples,
+                                                args.batch_size, args.grad_accum)
+        if steps_in_epoch == 0:
+            sys.exit(f"the dataset ({args.epoch_samples if args.epoch_samples else len(dataset)}) is smaller than "
+                     f"one global batch ({args.batch_size})")
+        while progress["batch_in_epoch"] < steps_in_epoch and progress["step"] < args.steps:
+            step = progress["step"]
+            lr = lr_at(step, max_lr, args.warmup_steps, args.steps, args.min_lr)
+            parts, grad_norm = train_step(step_model, optimizer, batches, step, lr, env, args, config, skips)
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(parts[0]), step, first_bad)
+            step = progress["step"] = step + 1
+            progress["batch_in_epoch"] += 1
+            samples_since += args.batch_size
+            bar.update(1)
+
+            if step % args.log_every == 0 or step == args.steps:
+                check_finite()
+                if env.ddp:
+                    dist.all_reduce(parts, op=dist.ReduceOp.AVG)
+                if env.master:
+                    rate = samples_since / (time.perf_counter() - t_last)
+                    rec = dict(step=step, loss=parts[0].item(), image_loss=parts[1].item(),
+                               text_loss=parts[2].item(), lr=lr, grad_norm=grad_norm.item(), images_per_s=rate)
+                    if env.cuda:
+                        rec["mfu"] = rate * flops_per_sample / (args.peak_tflops * 1e12 * env.world)
+                    log_file.write(json.dumps(rec) + "\n")
+                    log_file.flush()
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", img=f"{rec['image_loss']:.4f}",
+                                    txt=f"{rec['text_loss']:.3f}", lr=f"{lr:.2e}", ips=f"{rate:.0f}",
+                                    **({"mfu": f"{rec['mfu']:.1%}"} if env.cuda else {}))
+                t_last, samples_since = time.perf_counter(), 0
+            if step % args.save_every == 0 or step == args.steps or step == args.stop_after:
+                check_finite()
+                save_checkpoint(ckpt_path, model, optimizer, progress, env, args)
+            if step == args.stop_after:
+                bar.close()
+                if log_file:
+                    log_file.close()
+                return False
+        if progress["batch_in_epoch"] >= steps_in_epoch:
+            if env.master and skips.total():
+                tqdm.write(f"epoch {progress['epoch']}: {skips.report()}")
+            progress["epoch"], progress["batch_in_epoch"], skips = progress["epoch"] + 1, 0, data.SkipLog()
+    bar.close()
+    if log_file:
+        log_file.close()
+    return True
+
+
+def end_of_run_check(model, tokenizer, probe_sets, args, step):
+    """The built-in data's quick probe (probe.py's fast mode, both labels) and the text-grounding check; printed
+    and written to OUT_DIR/probe.json."""
+    accs = probe.quick_probe(model, *probe_sets, seed=args.seed)
+    result = {"probe_top1": accs["shape"], "probe_top1_colour": accs["colour"], "steps": step,
+              "model": "MAE (no text)" if args.no_text else "M3AE"}
+    print(f"quick linear probe (probe.py fast mode: frozen CLS, BatchNorm + Linear, LARS) top-1: main object's "
+          f"shape {accs['shape']:.2f}% (10 classes), its colour {accs['colour']:.2f}% (11 classes)")
+    if not args.no_text:
+        own, other = probe.builtin_text_grounding(model, tokenizer, args.data_seed, args.data_level, args.seed)
+        result.update(text_ce_own_image=own, text_ce_other_image=other)
+        print(f"text grounding: masked-word cross-entropy {own:.3f} beside its own image, {other:.3f} beside "
+              f"another's (1000 held-out pairs; equal = the text ignores the image)")
+    with open(os.path.join(args.out_dir, "probe.json"), "w") as f:
+        json.dump(result, f)
+    return result
+
+
+# -----------------------------------------------------------------------------
+
+
+def bench(args, env, micro_batch):
     """Time training steps on random tensors: images/s, step time, peak memory, MFU."""
+    device = env.device
     config = model_config(args, args.vocab_size)
     model = M3AE(config).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=1e-4, betas=(0.9, args.beta2),
-                                  fused=device.type == "cuda")
-    step_model = torch.compile(model) if use_compile else model
+                                  fused=env.cuda)
+    step_model = torch.compile(model) if env.compile else model
     B = micro_batch
     images = torch.randn(B, 3, config.image_size, config.image_size, device=device)
     text = torch.randint(1, config.vocab_size, (B, config.text_len), device=device)
@@ -609,28 +568,27 @@ def bench(args, device, autocast, use_compile, micro_batch):
     pad = text == 0
 
     def one_step():
-        with autocast:
+        with env.autocast:
             out = step_model(images, None if args.no_text else text, None if args.no_text else pad)
         out["loss"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    cuda = device.type == "cuda"
     for _ in range(3):  # warm-up (and compilation)
         one_step()
-    if cuda:
+    if env.cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(args.bench_steps):
         one_step()
-    if cuda:
+    if env.cuda:
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / args.bench_steps
     rate = B / dt
     flops = train_flops_per_sample(config, with_text=not args.no_text) * rate
-    mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda else "n/a (CPU)"
-    print(f"bench: preset {args.preset}, batch {B}, attn {config.attn_impl}, compile {use_compile}, "
+    mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if env.cuda else "n/a (CPU)"
+    print(f"bench: preset {args.preset}, batch {B}, attn {config.attn_impl}, compile {env.compile}, "
           f"{'image-only' if args.no_text else 'paired'}, device {device}")
     print(f"  step {dt * 1e3:.1f} ms | {rate:.1f} images/s | {flops / 1e12:.2f} TFLOP/s | "
           f"MFU {flops / (args.peak_tflops * 1e12):.1%} (peak {args.peak_tflops:.0f} TFLOP/s) | peak memory {mem}")

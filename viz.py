@@ -27,7 +27,6 @@ Attention maps read the encoder on the whole, unmasked input (as the paper's fig
 attention path: the only one that returns weights (SDPA and the fused kernel do not).
 """
 
-import argparse
 import os
 import textwrap
 from contextlib import contextmanager
@@ -39,9 +38,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 import builtin
 import data
-import probe  # the checkpoint -> data conventions (normalisation, built-in seed and level) are probe.py's
 from model import image_loss, load_model, patchify, unpatchify
 from tokenizer import Tokenizer
+from util import NORMS, checkpoint_data_level, checkpoint_data_seed, checkpoint_norm, make_parser, masking_noise
 MODES = ("recon", "caption", "attention")  # "all" runs the three; "attention" writes two files
 
 # Default word for the word-attention map: the first word that names a shape in the built-in vocabulary (the
@@ -56,7 +55,7 @@ STOP_WORDS = {"a", "an", "the", "there", "is", "are", "of", "on", "in", "at", "w
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     a = p.add_argument
     a("--ckpt", required=True, help="checkpoint from train.py or convert.py (a dict with 'model' and 'config')")
     a("--tokenizer", help="sentencepiece .model (default: the run's --tokenizer, else tokenizer.model next to "
@@ -87,7 +86,7 @@ def get_args(argv=None):
       "training (default: the checkpoint's)")
     a("--caption-text-mask-ratio", type=float, default=0.0, help="caption mode: fraction of text slots removed "
       "(default 0: the whole caption is visible, so the image sees everything the text says)")
-    a("--norm", default="auto", choices=["auto", *probe.NORMS], help="normalisation statistics; auto = those the "
+    a("--norm", default="auto", choices=["auto", *NORMS], help="normalisation statistics; auto = those the "
       "checkpoint was pretrained with (builtin or cc12m)")
     a("--crop-pct", type=float, default=1.0, help="--image: centre crop of the shorter side before resizing")
     a("--scale", type=int, help="display magnification of the images (default: up to 256 px, e.g. 4 x 64 px)")
@@ -135,7 +134,8 @@ def load_samples(args, ckpt, image_size):
                 raise SystemExit(f"{path}: cannot read the image ({e.reason})") from None
             samples.append(dict(image=image, caption=caption, name=os.path.basename(path), label=None, box=None))
         return samples, f"{len(samples)} image(s) from --image"
-    seed, level = probe.data_seed(args, ckpt), probe.data_level(args, ckpt)
+    seed = args.data_seed if args.data_seed is not None else checkpoint_data_seed(ckpt)
+    level = args.data_level or checkpoint_data_level(ckpt)
     source = builtin.Builtin(args.split, args.first + args.samples, image_size, seed=seed, level=level)
     samples = []
     for i in range(args.first, args.first + args.samples):
@@ -150,13 +150,6 @@ def make_batch(samples, tokenizer, text_len, transform):
     images = torch.stack([transform(s["image"]) for s in samples])
     encoded = [tokenizer.encode(s["caption"], text_len) for s in samples]
     return dict(image=images, text=torch.stack([t for t, _ in encoded]), pad=torch.stack([m for _, m in encoded]))
-
-
-def masking_noise(seed, batch_size, num_patches, text_len):
-    """Fixed masking noise (B, N) and (B, T) from one generator seeded with `seed` (see model.random_masking:
-    the lowest-noise positions are kept)."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(batch_size, num_patches, generator=g), torch.rand(batch_size, text_len, generator=g)
 
 
 @contextmanager
@@ -775,7 +768,7 @@ def main(argv=None):
     c = model.config
     tokenizer = load_tokenizer(args, ckpt, c)
     samples, source = load_samples(args, ckpt, c.image_size)
-    mean, std = probe.normalisation(args, ckpt)
+    mean, std = NORMS[args.norm] if args.norm != "auto" else checkpoint_norm(ckpt)
     batch = make_batch(samples, tokenizer, c.text_len, data.EvalTransform(c.image_size, mean, std, args.crop_pct))
     view = View(mean, std, args.scale or max(1, 256 // c.image_size), c.image_size)
     noise = masking_noise(args.seed, len(samples), c.num_patches, c.text_len)

@@ -158,6 +158,23 @@ def test_weights_hash_ignores_attention_impl_only():
     assert probe.weights_hash(a) != probe.weights_hash(tiny_model(1, depth=1))
 
 
+def test_text_grounding_compares_own_and_other_images():
+    torch.manual_seed(0)
+    model = M3AE(make_config("tiny", vocab_size=30))
+    text = torch.randint(1, 30, (6, 24))
+    pad = torch.arange(24)[None] >= torch.tensor([[5], [9], [3], [12], [7], [24]])  # True = pad
+    pairs = lambda images: [dict(image=images[i], text=text[i], text_padding_mask=pad[i]) for i in range(6)]
+    same = torch.randn(1, 3, 32, 32).expand(6, -1, -1, -1)
+    own, other = probe.text_grounding(model, pairs(same))
+    assert own == other  # identical images: rolling them changes nothing
+    images = torch.randn(6, 3, 32, 32)
+    own, other = probe.text_grounding(model, pairs(images))
+    assert own != other and math.isfinite(own) and math.isfinite(other)  # the text path sees the image at all
+    assert probe.text_grounding(model, pairs(images), seed=1) != (own, other)  # the seed draws the masks
+    chunked = probe.text_grounding(model, pairs(images), batch_size=4)  # chunks of 4 and 2: the same means
+    assert chunked == pytest.approx((own, other), abs=1e-6)
+
+
 # --- end to end ---------------------------------------------------------------------------------------
 
 
@@ -209,63 +226,3 @@ def test_probe_full_mode_and_folders(ckpt, tmp_path):
                     str(tmp_path / "test"), "--epochs", "2", "--batch-size", "4", "--out", str(tmp_path / "f.json")])
     assert r["data"] == "folder" and r["classes"] == 2 and r["train_size"] == 12 and r["test_size"] == 6
     assert r["recipe"]["base_lr"] == 0.1  # the paper's for real data
-
-
-# --- the sweep table -----------------------------------------------------------------------------------
-
-
-def test_table_aggregates_seeds_and_checks_orderings(tmp_path):
-    def write(name, fname, obj):
-        (tmp_path / name).mkdir(exist_ok=True)
-        (tmp_path / name / fname).write_text(json.dumps(obj))
-
-    for seed in (0, 1, 2):
-        for variant, top1 in (("m3ae", 50 + seed), ("mae", 40 + 2 * seed), ("text015", 55)):
-            write(f"{variant}_s{seed}", "probe_fast.json", {"top1": top1, "knn_top1": top1 - 5})
-            if variant != "text015":  # the colour probe's file is read into *_colour columns when it is there
-                write(f"{variant}_s{seed}", "probe_fast_colour.json", {"top1": top1 + 20, "knn_top1": top1 + 10})
-            write(f"{variant}_s{seed}", "ood.json", {"scores": {s: {"auroc": 60.0 + seed} for s in
-                                                                ("mahalanobis", "relative_mahalanobis", "msp")}})
-        write(f"m3ae_s{seed}", "probe_fast_random_init.json", {"top1": 20, "knn_top1": 15})
-    runs = probe.main(["--table", str(tmp_path)])
-    assert set(runs) == {"m3ae", "mae", "text015", "random"} and runs["random"][2]["top1"] == 20
-    table = (tmp_path / "table.md").read_text()
-    assert "| M3AE (text mask 0.75, 100% paired) | 3 | 51.0 ± 1.0 | 46.0 ± 1.0 | 71.0 ± 1.0 | 61.0 ± 1.0 | 61.0 ± 1.0 |" \
-        in table
-    assert "| M3AE, text mask 0.15 | 3 | 55.0 ± 0.0 | 50.0 ± 0.0 | - | - | 61.0 ± 1.0 |" in table
-    assert "| 1. M3AE > MAE, linear probe, colour label | (ours: built-in data) | 71.0 ± 1.0 vs 62.0 ± 2.0 | yes | 3/3 |" \
-        in table
-    assert "| 1. M3AE > MAE, linear probe | 59.4 vs 45.2 | 51.0 ± 1.0 vs 42.0 ± 2.0 | yes | 3/3 |" in table
-    assert "| 2. text mask 0.75 > 0.15, linear probe | 64.1 vs 53.3 | 51.0 ± 1.0 vs 55.0 ± 0.0 | **no** | 0/3 |" \
-        in table
-    assert "| 3. paired 10% > 0%, linear probe | 53.3 vs 45.2 | not run |" in table
-
-
-def test_sweep_script_runs_jobs_in_parallel_and_writes_the_table(tmp_path):
-    """sweep.sh end to end at toy sizes: two runs at a time (xargs), a log per run, the floors after the
-    runs, the table last; and a failing run stops the sweep with its log's tail."""
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PY": sys.executable, "STEPS": "2", "SEEDS": "0", "VARIANTS": "m3ae mae", "JOBS": "2",
-           "OUT": str(tmp_path / "sweep"), "TRAIN_ARGS": "--train-size 64 --batch-size 16 --warmup-steps 1",
-           "EVAL_ARGS": "--train-size 40 --test-size 20 --epochs 2", "OOD_ARGS": "--ood-size 20"}
-    env.pop("OMP_NUM_THREADS", None)
-    res = subprocess.run(["bash", os.path.join(root, "sweep.sh")], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    assert f"2 jobs x {max(1, len(os.sched_getaffinity(0)) // 2)} threads" in res.stdout
-    done = [line.split()[2] for line in res.stdout.splitlines() if " done " in line]
-    assert sorted(done[:2]) == ["m3ae_s0", "mae_s0"] and done[2] == "floor_s0"
-    for name in ("m3ae_s0", "mae_s0", "floor_s0"):
-        assert (tmp_path / "sweep" / "logs" / f"{name}.log").stat().st_size > 0
-    table = (tmp_path / "sweep" / "table.md").read_text()
-    assert "| M3AE (text mask 0.75, 100% paired) | 1 |" in table and "| random-init encoder (floor) | 1 |" in table
-    for name in ("m3ae_s0/probe_fast_colour.json", "mae_s0/probe_fast_colour.json",
-                 "m3ae_s0/probe_fast_colour_random_init.json"):  # both labels are probed, the floor included
-        assert (tmp_path / "sweep" / name).exists(), name
-
-    res = subprocess.run(["bash", os.path.join(root, "sweep.sh")], env={**env, "VARIANTS": "m3ae",
-                         "TRAIN_ARGS": "--no-such-flag"}, capture_output=True, text=True, timeout=600)
-    assert res.returncode != 0 and "FAILED: m3ae_s0" in res.stdout

@@ -47,18 +47,6 @@ def test_weight_decay_groups():
         assert name in decayed, name
 
 
-def test_lr_schedule_values():
-    lr = lambda s: train.lr_at(s, max_lr=1.0, warmup=10, total=110, min_lr=0.1)
-    assert lr(0) == pytest.approx(0.1)  # (step + 1) / warmup
-    assert lr(4) == pytest.approx(0.5)
-    assert lr(9) == pytest.approx(1.0)
-    assert lr(10) == pytest.approx(1.0)  # cosine starts at the peak
-    assert lr(60) == pytest.approx(0.1 + 0.9 * 0.5)  # half way down the cosine
-    assert lr(110) == pytest.approx(0.1)
-    assert lr(35) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.25)))
-    assert all(lr(s) >= lr(s + 1) for s in range(10, 110))
-
-
 def test_linear_scaling_rule_and_flops():
     c = make_config("base", vocab_size=30522)
     per_sample = train.train_flops_per_sample(c)
@@ -79,35 +67,12 @@ def test_epoch_indices_split_global_batches_across_ranks():
     assert train.epoch_indices(n, 8, 0, 1, 3, 2)[0] != single  # another epoch, another order
 
 
-def test_mix_seed_is_stable_and_distinct():
-    seeds = {train.mix_seed(0, e, i) for e in range(3) for i in range(1000)}
-    assert len(seeds) == 3000 and all(0 <= s < 2**63 for s in seeds)
-    assert train.mix_seed(1, 2, 3) == train.mix_seed(1, 2, 3) != train.mix_seed(1, 3, 2)
-
-
 def test_masking_noise_is_one_global_draw_sliced():
-    full = train.masking_noise(5, 7, 8, slice(0, 8), 16, 4)
-    halves = [train.masking_noise(5, 7, 8, slice(r * 4, r * 4 + 4), 16, 4) for r in range(2)]
+    full = train.global_masking_noise(5, 7, 8, slice(0, 8), 16, 4)
+    halves = [train.global_masking_noise(5, 7, 8, slice(r * 4, r * 4 + 4), 16, 4) for r in range(2)]
     for part in range(2):  # two ranks with 4 rows each see exactly the rows one process with 8 sees
         assert torch.equal(torch.cat([h[part] for h in halves]), full[part])
-    assert not torch.equal(train.masking_noise(5, 8, 8, slice(0, 8), 16, 4)[0], full[0])  # next step, new masks
-
-
-def test_text_grounding_compares_own_and_other_images():
-    torch.manual_seed(0)
-    model = M3AE(make_config("tiny", vocab_size=30))
-    text = torch.randint(1, 30, (6, 24))
-    pad = torch.arange(24)[None] >= torch.tensor([[5], [9], [3], [12], [7], [24]])  # True = pad
-    pairs = lambda images: [dict(image=images[i], text=text[i], text_padding_mask=pad[i]) for i in range(6)]
-    same = torch.randn(1, 3, 32, 32).expand(6, -1, -1, -1)
-    own, other = train.text_grounding(model, pairs(same))
-    assert own == other  # identical images: rolling them changes nothing
-    images = torch.randn(6, 3, 32, 32)
-    own, other = train.text_grounding(model, pairs(images))
-    assert own != other and math.isfinite(own) and math.isfinite(other)  # the text path sees the image at all
-    assert train.text_grounding(model, pairs(images), seed=1) != (own, other)  # the seed draws the masks
-    chunked = train.text_grounding(model, pairs(images), batch_size=4)  # chunks of 4 and 2: the same means
-    assert chunked == pytest.approx((own, other), abs=1e-6)
+    assert not torch.equal(train.global_masking_noise(5, 8, 8, slice(0, 8), 16, 4)[0], full[0])  # next step, new masks
 
 
 # --- end to end ---------------------------------------------------------------------------------------------
