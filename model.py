@@ -2,7 +2,7 @@
 
 Read it beside the paper: section 3.1 (architecture), 3.2 (masking), 3.3 (loss). Where the official JAX
 code (young-geng/m3ae_public, "official" below) and facebookresearch/mae ("mae") disagree, a comment
-says which one we follow; ../shared/REFERENCE.md lists the facts.
+says which one we follow; docs/reference.md lists the facts with their sources.
 
 Conventions, stated once (tests/test_model.py asserts each):
   * images are (B, 3, H, W), already normalised with the dataset's mean/std.
@@ -13,6 +13,10 @@ Conventions, stated once (tests/test_model.py asserts each):
   * masking mask: float, 1 = removed (hidden from the encoder, predicted by the decoder), 0 = kept.
   * encoder sequence: [CLS, kept image patches, kept text slots]; decoder sequence: [CLS, all patches,
     all text slots]. Image-only mode has no text part at all (this *is* MAE); text-only has no image part.
+  * every module returns tensors, never tuples; attention weights come from M3AE.attention_maps alone.
+
+Shape letters in the comments: B batch, N image patches (grid_size**2), T text slots (text_len), S sequence
+length, D width (emb_dim; Dd for the decoder), nh heads, hs head size (D / nh), V vocabulary, P = p*p*C.
 """
 
 import math
@@ -113,18 +117,44 @@ def sincos_2d(dim, grid_size):
 
 
 # -----------------------------------------------------------------------------
-# attention: one function, three implementations, one key-padding convention (True = padding)
+# attention: one key-padding convention (True = padding), three implementations
 
 
-def attention(q, k, v, key_padding_mask=None, impl="sdpa", return_weights=False):
-    """Multi-head attention with an optional key-padding mask.
+def _unhide_empty_rows(key_padding_mask):
+    """A sample whose keys are all padding would softmax over nothing (NaN with -inf, and NaN survives a later
+    torch.where in the backward pass). Un-hide its keys so softmax stays finite; the caller zeros its output.
+    Returns (the mask to use, empty_rows (B,) bool)."""
+    empty_rows = key_padding_mask.all(dim=1)  # (B,)
+    return key_padding_mask & ~empty_rows[:, None], empty_rows
+
+
+def attention_weights(q, k, key_padding_mask=None):
+    """softmax(q k^T / sqrt(hs)) over the visible keys: the math path's weights, (B, nh, Tq, Tk).
+
+    q: (B, nh, Tq, hs); k: (B, nh, Tk, hs); key_padding_mask: (B, Tk) bool, True = padding, or None. A padded
+    key gets weight 0; a sample with no visible key gets rows of zeros. Each other row sums to 1."""
+    empty_rows = None
+    if key_padding_mask is not None:
+        key_padding_mask, empty_rows = _unhide_empty_rows(key_padding_mask)
+    scores = (q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5  # (B, nh, Tq, Tk)
+    if key_padding_mask is not None:
+        # official replaces padded logits by -1e7; the most negative float is the same after softmax
+        scores = scores.masked_fill(key_padding_mask[:, None, None, :], torch.finfo(scores.dtype).min)
+    weights = scores.softmax(dim=-1)
+    if empty_rows is not None:
+        weights = weights.masked_fill(empty_rows[:, None, None, None], 0.0)
+    return weights
+
+
+def attention(q, k, v, key_padding_mask=None, impl="sdpa"):
+    """Multi-head attention with an optional key-padding mask: one function, three implementations.
 
     q: (B, nh, Tq, hs); k, v: (B, nh, Tk, hs); key_padding_mask: (B, Tk) bool, True = padding (hidden as
-    a key) or None. Returns (B, nh, Tq, hs), plus the (B, nh, Tq, Tk) weights when return_weights (math
-    only). A query whose keys are all padding gets zeros (never NaN); in the model this cannot happen
-    because CLS is always a visible key.
-    impl: "math" (readable reference), "sdpa" (torch's scaled_dot_product_attention), "triton" (our fused
-    kernel in kernels/), "auto" (triton on CUDA when the kernel supports the head dim, sdpa otherwise).
+    a key) or None. Returns (B, nh, Tq, hs). A query whose keys are all padding gets zeros (never NaN); in
+    the model this cannot happen because CLS is always a visible key.
+    impl: "math" (readable reference: attention_weights @ v), "sdpa" (torch's scaled_dot_product_attention),
+    "triton" (our fused kernel in kernels/), "auto" (triton on CUDA when the kernel supports the head dim,
+    sdpa otherwise). Only "math" forms the weights; M3AE.attention_maps reads them through attention_weights.
     """
     if impl == "auto":
         impl = "sdpa"
@@ -132,37 +162,22 @@ def attention(q, k, v, key_padding_mask=None, impl="sdpa", return_weights=False)
             from kernels import HEAD_DIMS  # imported lazily: Triton is only needed on CUDA
 
             impl = "triton" if q.size(-1) in HEAD_DIMS else "sdpa"  # e.g. huge's head dim 80 falls back to SDPA
-    if return_weights and impl != "math":
-        raise ValueError("attention weights are only returned by impl='math'")
     if impl == "triton":
         from kernels import masked_attention  # imported lazily: Triton is only needed on this path
 
         return masked_attention(q, k, v, key_padding_mask)
-
+    if impl == "math":
+        return attention_weights(q, k, key_padding_mask) @ v  # (B, nh, Tq, hs)
+    if impl != "sdpa":
+        raise ValueError(f"unknown attention impl {impl!r}; choose auto, triton, sdpa or math")
     empty_rows = None
     if key_padding_mask is not None:
-        # Rows with no visible key: un-hide their keys so softmax stays finite, then zero their output.
-        # (Masking to -inf would give NaN, and NaN survives a later torch.where in the backward pass.)
-        empty_rows = key_padding_mask.all(dim=1)  # (B,)
-        key_padding_mask = key_padding_mask & ~empty_rows[:, None]
-    if impl == "sdpa":
-        attn_mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]  # True = attend
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        weights = None
-    elif impl == "math":
-        scores = (q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5  # (B, nh, Tq, Tk)
-        if key_padding_mask is not None:
-            # official replaces padded logits by -1e7; the most negative float is the same after softmax
-            scores = scores.masked_fill(key_padding_mask[:, None, None, :], torch.finfo(scores.dtype).min)
-        weights = scores.softmax(dim=-1)
-        if empty_rows is not None:
-            weights = weights.masked_fill(empty_rows[:, None, None, None], 0.0)
-        y = weights @ v  # (B, nh, Tq, hs)
-    else:
-        raise ValueError(f"unknown attention impl {impl!r}; choose auto, triton, sdpa or math")
-    if empty_rows is not None and impl == "sdpa":
+        key_padding_mask, empty_rows = _unhide_empty_rows(key_padding_mask)
+    attn_mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]  # True = attend
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, nh, Tq, hs)
+    if empty_rows is not None:
         y = y.masked_fill(empty_rows[:, None, None, None], 0.0)
-    return (y, weights) if return_weights else y
+    return y
 
 
 # -----------------------------------------------------------------------------
@@ -177,13 +192,16 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)  # output laid out [q | k | v], heads contiguous
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, key_padding_mask=None, impl="sdpa", return_weights=False):
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = attention(q, k, v, key_padding_mask, impl, return_weights)  # (B, nh, T, hs)
-        y, weights = out if return_weights else (out, None)
-        y = self.proj(y.transpose(1, 2).reshape(B, T, C))
-        return (y, weights) if return_weights else y
+    def heads(self, x):
+        """(B, S, D) -> q, k, v, each (B, nh, S, hs)."""
+        B, S, D = x.shape
+        return self.qkv(x).view(B, S, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+
+    def forward(self, x, key_padding_mask=None, impl="sdpa"):
+        B, S, D = x.shape
+        q, k, v = self.heads(x)  # (B, nh, S, hs) each
+        y = attention(q, k, v, key_padding_mask, impl)  # (B, nh, S, hs)
+        return self.proj(y.transpose(1, 2).reshape(B, S, D))  # heads side by side again: (B, S, D)
 
 
 class MLP(nn.Module):
@@ -205,12 +223,10 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=ln_eps)
         self.mlp = MLP(dim, int(dim * mlp_ratio), gelu)
 
-    def forward(self, x, key_padding_mask=None, impl="sdpa", return_weights=False):
-        a = self.attn(self.norm1(x), key_padding_mask, impl, return_weights)
-        a, weights = a if return_weights else (a, None)
-        x = x + a
+    def forward(self, x, key_padding_mask=None, impl="sdpa"):
+        x = x + self.attn(self.norm1(x), key_padding_mask, impl)  # (B, S, D)
         x = x + self.mlp(self.norm2(x))
-        return (x, weights) if return_weights else x
+        return x
 
 
 class Transformer(nn.Module):
@@ -221,15 +237,10 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList([Block(dim, num_heads, mlp_ratio, ln_eps, gelu) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=ln_eps)
 
-    def forward(self, x, key_padding_mask=None, impl="sdpa", return_weights=False):
-        weights = []
+    def forward(self, x, key_padding_mask=None, impl="sdpa"):
         for block in self.blocks:
-            x = block(x, key_padding_mask, impl, return_weights)
-            if return_weights:
-                x, w = x
-                weights.append(w)
-        x = self.norm(x)
-        return (x, weights) if return_weights else x
+            x = block(x, key_padding_mask, impl)  # (B, S, D)
+        return self.norm(x)
 
 
 # -----------------------------------------------------------------------------
@@ -400,34 +411,49 @@ class M3AE(nn.Module):
 
     # --- encoder ----------------------------------------------------------------------------------
 
-    def forward_encoder(self, images=None, text=None, text_padding_mask=None, image_noise=None, text_noise=None):
-        """Mask each modality, then encode [CLS, kept patches, kept text]. Returns a dict with the encoder
-        output `x` (B, 1 + keep_img + keep_txt, D) after the final norm, and per modality `*_mask`
-        (1 = removed) and `*_ids_restore` (None for an absent modality)."""
+    def _encoder_tokens(self, images, text, text_padding_mask, mask=False, image_noise=None, text_noise=None):
+        """The encoder's input, before any block: [CLS, patches, text slots], each embedded with its position
+        and type. mask=False keeps every token in its natural order (encode, attention_maps); mask=True keeps
+        a random subset of each modality in the order random_masking draws it (forward_encoder).
+        Returns (x (B, S, D); pad (B, S) bool, True = padding, or None without text; info): info holds the
+        text_padding_mask used and, per modality, *_mask (1 = removed) and *_ids_restore (None when absent
+        or not masking)."""
         c = self.config
         text_padding_mask = self._check_inputs(images, text, text_padding_mask)
         B = images.size(0) if images is not None else text.size(0)
         device = self.cls_token.device
-        xs = [self.cls_token.expand(B, -1, -1)]
+        xs = [self.cls_token.expand(B, -1, -1)]  # (B, 1, D)
         pads = [torch.zeros(B, 1, dtype=torch.bool, device=device)]  # CLS is never padding
-        out = dict(image_mask=None, image_ids_restore=None, text_mask=None, text_ids_restore=None)
+        info = dict(image_mask=None, image_ids_restore=None, text_mask=None, text_ids_restore=None)
         if images is not None:
             x_img = self.embed_image(images)  # (B, N, D)
-            ids_keep, out["image_ids_restore"], out["image_mask"] = random_masking(
-                B, x_img.size(1), c.image_mask_ratio, image_noise, device)
-            xs.append(gather_tokens(x_img, ids_keep))
-            pads.append(torch.zeros(B, ids_keep.size(1), dtype=torch.bool, device=device))
+            if mask:
+                ids_keep, info["image_ids_restore"], info["image_mask"] = random_masking(
+                    B, x_img.size(1), c.image_mask_ratio, image_noise, device)
+                x_img = gather_tokens(x_img, ids_keep)  # (B, keep_img, D)
+            xs.append(x_img)
+            pads.append(torch.zeros(B, x_img.size(1), dtype=torch.bool, device=device))
         if text is not None:
             x_txt = self.embed_text(text)  # (B, T, D)
-            # Padding slots take part in the draw (the paper's keep count includes them); a padding slot
-            # that stays visible is hidden as an attention key.
-            ids_keep, out["text_ids_restore"], out["text_mask"] = random_masking(
-                B, x_txt.size(1), c.text_mask_ratio, text_noise, device)
-            xs.append(gather_tokens(x_txt, ids_keep))
-            pads.append(text_padding_mask.gather(1, ids_keep))
-        x, pad = torch.cat(xs, dim=1), torch.cat(pads, dim=1)
-        out["x"] = self.encoder(x, pad if text is not None else None, self._impl())
-        out["text_padding_mask"] = text_padding_mask
+            text_pad = text_padding_mask  # (B, T)
+            if mask:
+                # Padding slots take part in the draw (the paper's keep count includes them); a padding slot
+                # that stays visible is hidden as an attention key.
+                ids_keep, info["text_ids_restore"], info["text_mask"] = random_masking(
+                    B, x_txt.size(1), c.text_mask_ratio, text_noise, device)
+                x_txt, text_pad = gather_tokens(x_txt, ids_keep), text_padding_mask.gather(1, ids_keep)  # keep_txt
+            xs.append(x_txt)
+            pads.append(text_pad)
+        x, pad = torch.cat(xs, dim=1), torch.cat(pads, dim=1)  # (B, S, D), (B, S)
+        info["text_padding_mask"] = text_padding_mask
+        return x, pad if text is not None else None, info
+
+    def forward_encoder(self, images=None, text=None, text_padding_mask=None, image_noise=None, text_noise=None):
+        """Mask each modality, then encode [CLS, kept patches, kept text]. Returns a dict with the encoder
+        output `x` (B, 1 + keep_img + keep_txt, D) after the final norm, `text_padding_mask` (B, T), and per
+        modality `*_mask` (1 = removed) and `*_ids_restore` (None for an absent modality)."""
+        x, pad, out = self._encoder_tokens(images, text, text_padding_mask, True, image_noise, text_noise)
+        out["x"] = self.encoder(x, pad, self._impl())  # (B, 1 + keep_img + keep_txt, D)
         return out
 
     # --- decoder ----------------------------------------------------------------------------------
@@ -438,7 +464,7 @@ class M3AE(nn.Module):
         c = self.config
         x = self.decoder_embed(enc["x"])  # (B, 1 + kept, Dd): one projection for CLS, image and text
         B = x.size(0)
-        xs, pads = [x[:, :1]], [torch.zeros(B, 1, dtype=torch.bool, device=x.device)]
+        xs, pads = [x[:, :1]], [torch.zeros(B, 1, dtype=torch.bool, device=x.device)]  # CLS: (B, 1, Dd)
         n_img, start = 0, 1
         if enc["image_ids_restore"] is not None:
             n_img = enc["image_ids_restore"].size(1)
@@ -454,9 +480,9 @@ class M3AE(nn.Module):
             xs.append(x_txt + self.dec_text_pos[:, :T] + self.dec_text_type)  # (B, T, Dd)
             pads.append(enc["text_padding_mask"])  # the decoder hides every padding slot (as official)
         x = self.decoder(torch.cat(xs, dim=1), torch.cat(pads, dim=1) if has_text else None, self._impl())
-        x = x[:, 1:]  # the decoder's CLS output is discarded
-        image_pred = self.image_head(x[:, :n_img]) if n_img else None
-        text_logits = self.text_head(x[:, n_img:]) if has_text else None
+        x = x[:, 1:]  # (B, N [+ T], Dd): the decoder's CLS output is discarded
+        image_pred = self.image_head(x[:, :n_img]) if n_img else None  # (B, N, p*p*C)
+        text_logits = self.text_head(x[:, n_img:]) if has_text else None  # (B, T, V)
         return image_pred, text_logits
 
     # --- loss and forward -------------------------------------------------------------------------
@@ -482,27 +508,30 @@ class M3AE(nn.Module):
                    text_mask=enc["text_mask"])
         return out
 
-    # --- downstream -------------------------------------------------------------------------------
+    # --- downstream: the encoder on the whole, unmasked input ---------------------------------------
 
-    def encode(self, images=None, text=None, text_padding_mask=None, return_attention=False):
+    def encode(self, images=None, text=None, text_padding_mask=None):
         """Encode without masking, for probes and visualisation. Returns (cls, tokens): cls (B, D) is the
         CLS feature after the final norm (what the paper's linear probe reads); tokens (B, N [+ T], D) are
-        the patch (then text) features in their natural order. With return_attention, also a list of
-        per-layer weights (B, nh, S, S) over the sequence [CLS, patches, text], from the math path."""
-        text_padding_mask = self._check_inputs(images, text, text_padding_mask)
-        B = images.size(0) if images is not None else text.size(0)
-        xs, pads = [self.cls_token.expand(B, -1, -1)], [torch.zeros(B, 1, dtype=torch.bool, device=self.cls_token.device)]
-        if images is not None:
-            xs.append(self.embed_image(images))
-            pads.append(torch.zeros(B, xs[-1].size(1), dtype=torch.bool, device=pads[0].device))
-        if text is not None:
-            xs.append(self.embed_text(text))
-            pads.append(text_padding_mask)
-        pad = torch.cat(pads, dim=1) if text is not None else None
-        impl = "math" if return_attention else self._impl()
-        out = self.encoder(torch.cat(xs, dim=1), pad, impl, return_attention)
-        x, weights = out if return_attention else (out, None)
-        return (x[:, 0], x[:, 1:], weights) if return_attention else (x[:, 0], x[:, 1:])
+        the patch (then text) features in their natural order."""
+        x, pad, _ = self._encoder_tokens(images, text, text_padding_mask)
+        x = self.encoder(x, pad, self._impl())  # (B, 1 + N [+ T], D)
+        return x[:, 0], x[:, 1:]
+
+    def attention_maps(self, images=None, text=None, text_padding_mask=None):
+        """The encoder's attention weights on the whole, unmasked input (as the paper's Figures 7 and 8):
+        a list with one (B, nh, S, S) tensor per layer over the sequence [CLS, patches, text], S = 1 + N [+ T];
+        row = query, column = key. Each row sums to 1 and a padded key gets 0. It runs the math path whatever
+        config.attn_impl says (SDPA and the fused kernel never form the weights): each block's q and k are
+        recomputed from the block's input with the block's own modules. Call it under torch.no_grad() unless
+        you want gradients through the maps."""
+        x, pad, _ = self._encoder_tokens(images, text, text_padding_mask)  # (B, S, D)
+        maps = []
+        for block in self.encoder.blocks:
+            q, k, _ = block.attn.heads(block.norm1(x))  # (B, nh, S, hs) each
+            maps.append(attention_weights(q, k, pad))  # (B, nh, S, S)
+            x = block(x, pad, "math")  # (B, S, D)
+        return maps
 
 
 # -----------------------------------------------------------------------------

@@ -23,8 +23,8 @@ Figures (PNG, drawn with PIL alone; images scaled up nearest-neighbour so that 6
 Conventions (model.py's): images normalised with the pretraining data's mean/std, a row-major patch grid,
 masks 1 = removed, key padding True = pad. Masking noise comes from a torch.Generator seeded with --seed, so a
 figure is reproducible. Reconstruction errors are the training image loss (model.image_loss) on removed patches.
-Attention maps read the encoder on the whole, unmasked input (as the paper's figures do), through the math
-attention path: the only one that returns weights (SDPA and the fused kernel do not).
+Attention maps read the encoder on the whole, unmasked input (as the paper's figures do), through
+model.attention_maps (the math attention path: SDPA and the fused kernel never form the weights).
 """
 
 import os
@@ -269,9 +269,9 @@ def pick_word(words, word=None):
 
 
 def attention_rows(weights, queries, atol=1e-5):
-    """Head-averaged attention rows. weights: per-layer list of (B, nh, S, S) (model.encode(...,
-    return_attention=True)); queries: per sample, a list of sequence positions (their rows are averaged: a word
-    of several pieces), or [] (the sample's rows come back as zeros). Returns (L, B, S).
+    """Head-averaged attention rows. weights: per-layer list of (B, nh, S, S) (model.attention_maps); queries:
+    per sample, a list of sequence positions (their rows are averaged: a word of several pieces), or [] (the
+    sample's rows come back as zeros). Returns (L, B, S).
     Every row used is checked to sum to 1 over the whole sequence (CLS, patches and text): softmax rows do,
     and a map that silently read a padded or malformed row would be wrong."""
     L, B, S = len(weights), weights[0].size(0), weights[0].size(-1)
@@ -296,7 +296,7 @@ def word_attention(model, images, text, pad, word_slots):
     c = model.config
     device = model.cls_token.device
     with torch.no_grad():
-        _, _, weights = model.encode(images.to(device), text.to(device), pad.to(device), return_attention=True)
+        weights = model.attention_maps(images.to(device), text.to(device), pad.to(device))
     N = c.num_patches
     rows = attention_rows(weights, [[1 + N + s for s in slots] for slots in word_slots])
     return rows[:, :, 1 : 1 + N].reshape(len(weights), len(images), c.grid_size, c.grid_size), rows
@@ -309,7 +309,7 @@ def patch_attention(model, images, text, pad, patches, words):
     c = model.config
     device = model.cls_token.device
     with torch.no_grad():
-        _, _, weights = model.encode(images.to(device), text.to(device), pad.to(device), return_attention=True)
+        weights = model.attention_maps(images.to(device), text.to(device), pad.to(device))
     N, G = c.num_patches, c.grid_size
     rows = attention_rows(weights, [[1 + r * G + col] for r, col in patches])
     per_word = torch.zeros(len(weights), len(images), max([len(w) for w in words] + [1]))

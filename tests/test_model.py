@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from model import (PRESETS, M3AE, attention, image_loss, make_config, num_kept, patchify, random_masking,
-                   text_loss, unpatchify)
+from model import (PRESETS, M3AE, attention, attention_weights, image_loss, make_config, num_kept, patchify,
+                   random_masking, text_loss, unpatchify)
 
 TEXT_PARAMS = {"text_embed.weight", "enc_text_type", "dec_text_type", "text_mask_token", "text_head.weight",
                "text_head.bias"}
@@ -240,6 +240,81 @@ def test_encode_reads_cls_after_final_norm_and_matches_unmasked_encoder():
     assert tokens_img.shape == (3, cfg.num_patches, cfg.emb_dim)
 
 
+def test_encode_matches_forward_encoder_without_masking():
+    """encode() assembles the same sequence as forward_encoder: with nothing removed and the noise in ascending
+    order (kept order = natural order) the two are bit for bit equal; with shuffled noise, equal after undoing the
+    shuffle. Every mode, with padded captions (one fully padded)."""
+    cfg = tiny(image_mask_ratio=0.0, text_mask_ratio=0.0, attn_impl="sdpa")
+    model = M3AE(cfg)
+    images, text, pad = batch(cfg, lengths=[cfg.text_len, 5, 0])
+    N, T = cfg.num_patches, cfg.text_len
+    for imgs, txt in ((images, text), (images, None), (None, text)):
+        p = pad if txt is not None else None
+        cls, tokens = model.encode(imgs, txt, p)
+        in_order = model.forward_encoder(imgs, txt, p, torch.arange(N).float().expand(3, N),
+                                         torch.arange(T).float().expand(3, T))
+        assert torch.equal(torch.cat([cls[:, None], tokens], dim=1), in_order["x"])
+        shuffled = model.forward_encoder(imgs, txt, p, torch.rand(3, N), torch.rand(3, T))
+        parts, start = [shuffled["x"][:, :1]], 1
+        for ids_restore in (shuffled["image_ids_restore"], shuffled["text_ids_restore"]):
+            if ids_restore is not None:
+                L = ids_restore.size(1)
+                part = shuffled["x"][:, start : start + L]
+                parts.append(part.gather(1, ids_restore[:, :, None].expand(-1, -1, part.size(-1))))
+                start += L
+        torch.testing.assert_close(torch.cat(parts, dim=1), torch.cat([cls[:, None], tokens], dim=1))
+
+
+def reference_attention_maps(model, images, text, pad):
+    """Independent float64 encoder: builds [CLS, patches, text] from the parameters, then per block
+    softmax(q k^T / sqrt(hs)) over each sample's visible keys (padded keys: weight 0) and the block's update."""
+    c = model.config
+    P = {k: v.detach().double() for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    B, p, G = images.size(0), c.patch_size, c.grid_size
+    patches = images.double().reshape(B, 3, G, p, G, p).permute(0, 2, 4, 3, 5, 1).reshape(B, G * G, -1)
+    img = patches @ P["patch_embed.weight"].T + P["patch_embed.bias"] + P["enc_image_pos"] + P["enc_image_type"]
+    txt = P["text_embed.weight"][text] + P["enc_text_pos"][:, : text.size(1)] + P["enc_text_type"]
+    x = torch.cat([P["cls_token"].expand(B, 1, -1), img, txt], dim=1)  # (B, S, D)
+    hidden = torch.cat([torch.zeros(B, 1 + G * G, dtype=torch.bool), pad], dim=1)  # (B, S), True = padding
+    B, S, D = x.shape
+    nh = c.num_heads
+    ln = lambda t, name: torch.nn.functional.layer_norm(t, (D,), P[name + ".weight"], P[name + ".bias"], c.ln_eps)
+    lin = lambda t, name: t @ P[name + ".weight"].T + P[name + ".bias"]
+    maps = []
+    for i in range(c.depth):
+        pre = f"encoder.blocks.{i}."
+        q, k, v = lin(ln(x, pre + "norm1"), pre + "attn.qkv").reshape(B, S, 3, nh, D // nh).unbind(2)  # (B, S, nh, hs)
+        w = torch.zeros(B, nh, S, S, dtype=torch.float64)
+        for b in range(B):
+            keys = ~hidden[b]
+            scores = torch.einsum("qhd,khd->hqk", q[b], k[b, keys]) / math.sqrt(D // nh)
+            w[b][:, :, keys] = scores.softmax(dim=-1)
+        maps.append(w)
+        y = torch.einsum("bhqk,bkhd->bqhd", w, v).reshape(B, S, D)
+        x = x + lin(y, pre + "attn.proj")
+        h = torch.nn.functional.gelu(lin(ln(x, pre + "norm2"), pre + "mlp.fc1"), approximate=c.gelu)
+        x = x + lin(h, pre + "mlp.fc2")
+    return maps
+
+
+def test_attention_maps_match_float64_reference_with_padding():
+    cfg = tiny(attn_impl="sdpa")  # attention_maps takes the math path whatever the config says
+    model = M3AE(cfg)
+    images, text, pad = batch(cfg, lengths=[cfg.text_len, 5, 0])  # one caption fully padded: CLS still visible
+    with torch.no_grad():
+        maps = model.attention_maps(images, text, pad)
+    ref = reference_attention_maps(model, images, text, pad)
+    S = 1 + cfg.num_patches + cfg.text_len
+    assert len(maps) == cfg.depth
+    for layer, (got, want) in enumerate(zip(maps, ref)):
+        assert got.shape == (3, cfg.num_heads, S, S), layer
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4, msg=f"layer {layer}")
+        text_keys = got[:, :, :, 1 + cfg.num_patches :]  # (B, nh, S, T)
+        assert (text_keys.permute(0, 3, 1, 2)[pad] == 0).all()  # padded keys: exactly 0
+    with torch.no_grad():  # the default padding mask is text == 0
+        assert all(torch.equal(a, b) for a, b in zip(maps, model.attention_maps(images, text)))
+
+
 # --- attention implementations ---------------------------------------------------------------------------
 
 
@@ -273,11 +348,11 @@ def test_attention_implementations_agree_with_padding():
         assert torch.isfinite(gm).all()
         torch.testing.assert_close(gm, gs, atol=1e-5, rtol=1e-5)
     assert (attention(q, k, v, pad, impl="math")[2] == 0).all()  # no visible key -> zeros
-    y, w = attention(q, k, v, pad, impl="math", return_weights=True)
+    w = attention_weights(q, k, pad)
     torch.testing.assert_close(w[[0, 1, 3]].sum(-1), torch.ones(3, H, T))  # rows sum to 1
     assert (w[1][..., 5:] == 0).all()  # padded keys get no weight
-    with pytest.raises(ValueError, match="math"):
-        attention(q, k, v, pad, impl="sdpa", return_weights=True)
+    assert (w[2] == 0).all()  # no visible key: rows of zeros
+    assert torch.equal(w @ v, attention(q, k, v, pad, impl="math"))  # the math path is exactly weights @ v
 
 
 def test_model_outputs_agree_across_attention_impls():
