@@ -31,8 +31,8 @@ BUILTIN_MEAN, BUILTIN_STD = (0.4989, 0.5008, 0.4970), (0.2633, 0.2617, 0.2629)
 # -----------------------------------------------------------------------------
 # the built-in dataset: small shapes on cluttered backgrounds, captions that name them
 #
-# Why this design: at small scale MAE beats M3AE on an easy dataset (../shared/REFERENCE.md, "Measured in
-# miniature"): when pixels alone separate the classes, the text adds nothing. Here the label (the main
+# Why this design: at small scale MAE beats M3AE on an easy dataset (an independent miniature reference, in
+# docs/reference.md): when pixels alone separate the classes, the text adds nothing. Here the label (the main
 # object's shape) covers ~2% of the pixels (1-4%), while textured, high-contrast, noisy backgrounds carry most
 # of the pixel variance, so a pixel-reconstruction loss spends its capacity on the background; distractor
 # shapes make "which shape is there" ambiguous without knowing which one matters. The caption names the
