@@ -137,7 +137,7 @@ def msp_scores(head, x):
 
 
 def get_args(argv=None):
-    p = make_parser(__doc__)
+    p = make_parser(__doc__, prog="ood.py")
     probe.add_encoder_args(p)
     probe.add_data_args(p)
     probe.add_head_args(p)

@@ -82,7 +82,7 @@ def add_head_args(p):
 
 
 def get_args(argv=None):
-    p = make_parser(__doc__)
+    p = make_parser(__doc__, prog="probe.py")
     add_encoder_args(p)
     add_data_args(p)
     add_head_args(p)

@@ -16,6 +16,7 @@ sample with fresh augmentation draws). Checkpoints are written atomically (temp 
 """
 
 import argparse
+import copy
 import itertools
 import json
 import os
@@ -37,15 +38,24 @@ import builtin
 import data
 import probe
 from model import M3AE, PRESETS, checkpoint_dict, make_config
-from tokenizer import get_tokenizer
-from util import SeededSamples, lr_at, masking_noise, mix_seed, save_atomic
+import rundir
+from tokenizer import MAX_TOKENIZER_CAPTIONS, get_tokenizer
+from util import SeededSamples, lr_at, make_parser, masking_noise, mix_seed
 
 # -----------------------------------------------------------------------------
 # arguments
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def default_workers():
+    """DataLoader workers per rank: the CPUs this process may use, shared among the ranks of this node, one left
+    for the training process itself; at least 1, at most 16."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(1, min(16, cpus // ranks_here - 1))
+
+
+def build_parser():
+    p = make_parser(__doc__, prog="train.py")
     a = p.add_argument
     # model
     a("--preset", default="tiny", choices=list(PRESETS), help="model size (model.py PRESETS)")
@@ -53,63 +63,184 @@ def get_args(argv=None):
     a("--patch-size", type=int, help="patch side in pixels (default: the preset's)")
     a("--text-len", type=int, help="caption length in tokens (default: the preset's)")
     a("--image-mask-ratio", type=float, default=0.75, help="fraction of patches removed (paper: 0.75)")
-    a("--text-mask-ratio", type=float, default=0.75, help="fraction of text slots removed, padding counted (0.75)")
+    a("--text-mask-ratio", type=float, default=0.75, help="fraction of text slots removed, padding counted")
     a("--image-weight", type=float, default=1.0, help="weight of the pixel MSE")
     a("--text-weight", type=float, default=0.5, help="weight of the text CE; 0 trains the MAE baseline like --no-text")
     a("--no-text", action="store_true", help="MAE baseline: image-only mode, captions never read")
     a("--norm-pix", action="store_true", help="per-patch normalised pixel targets (mae's norm_pix_loss)")
     a("--attn", default="auto", choices=["auto", "triton", "sdpa", "math"], help="attention implementation")
-    # data
-    a("--data", default="builtin", choices=["builtin", "wds", "csv"], help="pretraining data source")
-    a("--data-seed", type=int, default=0, help="built-in data: which procedural dataset (kept fixed across --seed)")
-    a("--data-level", default="easy", choices=list(builtin.LEVELS), help="built-in data: difficulty (builtin.LEVELS)")
-    a("--train-size", type=int, default=20000, help="built-in data: pretraining pairs")
-    a("--wds-shards", help="webdataset shards: a brace pattern, glob or comma list of .tar files (--data wds)")
-    a("--epoch-samples", type=int, help="--data wds: samples per epoch (streams have no length)")
-    a("--csv", help="CSV/TSV with an image path and a caption column (--data csv)")
+    # data: the source follows from what is given (--csv, --wds-shards; neither: the built-in demo set)
+    a("--data", choices=["builtin", "csv", "wds"], help="pretraining data source (default: csv if --csv is given, "
+      "wds if --wds-shards is, else builtin); a source that contradicts the other flags is refused")
+    a("--csv", help="CSV/TSV of image paths (relative to the file) and captions")
+    a("--csv-img-key", help="--csv: the image path column (default: the first of filepath, image, image_path, path, "
+      "file, filename in the header)")
+    a("--csv-caption-key", help="--csv: the caption column (default: the first of caption, text, title)")
+    a("--csv-separator", help="--csv: the field separator (default: tab for .tsv/.tab, comma for .csv, else sniffed)")
+    a("--wds-shards", help="webdataset .tar shards as img2dataset writes them: a brace pattern "
+      "'dir/{00000..00099}.tar', a glob, or a comma-separated list")
+    a("--wds-image-key", default="jpg;jpeg;png;webp", help="--wds-shards: member extensions that hold the image, "
+      "first present wins")
+    a("--wds-caption-key", default="txt;json", help="--wds-shards: member extensions that hold the caption (json: "
+      "its 'caption' field), first present wins")
+    a("--epoch-samples", type=int, help="--wds-shards: samples per epoch (a stream has no length)")
     a("--text-file", help="extra unpaired captions, one per line (text-only samples)")
-    a("--image-dir", help="extra unpaired images, a folder (image-only samples)")
+    a("--image-dir", help="extra unpaired images, a folder read recursively (image-only samples)")
     a("--paired-share", type=float, default=1.0,
       help="fraction of pairs kept paired; the rest split half into unpaired images, half into unpaired texts")
-    a("--tokenizer", help="a sentencepiece .model to use (default: OUT_DIR/tokenizer.model, trained if absent)")
-    a("--vocab-size", type=int, default=1024, help="sentencepiece vocabulary when training a tokenizer")
-    a("--workers", type=int, default=1, help="DataLoader workers per rank")
+    a("--data-seed", type=int, default=0, help="built-in data: which procedural dataset (kept fixed across --seed)")
+    a("--data-level", default="easy", choices=list(builtin.LEVELS), help="built-in data: difficulty")
+    a("--train-size", type=int, default=20000, help="built-in data: pretraining pairs")
+    a("--tokenizer", help="a tokenizer file to use: sentencepiece .model or BERT vocab.txt (default: "
+      "OUT_DIR/tokenizer.model, trained on the run's captions)")
+    a("--vocab-size", type=int, default=1024, help="vocabulary when training a tokenizer")
+    a("--tokenizer-captions", type=int, default=MAX_TOKENIZER_CAPTIONS,
+      help="a tokenizer is trained on at most this many captions, the first ones the data yields")
+    a("--workers", type=int, default=default_workers(), help="DataLoader workers per rank (default: this node's "
+      "CPUs / ranks - 1)")
     # optimisation
     a("--batch-size", type=int, default=64, help="global batch (summed over ranks and accumulation steps)")
     a("--grad-accum", type=int, default=1, help="gradient accumulation steps")
     a("--steps", type=int, default=1000, help="optimizer steps in total")
     a("--warmup-steps", type=int, default=50, help="linear warmup steps")
-    a("--base-lr", type=float, help="lr = base_lr x global batch / 256 (default: 1.5e-4, the paper's; 6e-3 for "
-                                    "the tiny preset, whose 1000 CPU steps at batch 64 need a larger step: README)")
+    a("--base-lr", type=float, help="peak lr = base_lr x global batch / 256 (default: 1.5e-4, the paper's; 6e-3 for "
+      "the tiny preset, whose 1000 CPU steps at batch 64 need a larger step: docs/log.md)")
+    a("--lr", type=float, help="absolute peak lr (instead of --base-lr)")
     a("--min-lr", type=float, default=0.0, help="lr at the end of the cosine")
     a("--weight-decay", type=float, default=0.05, help="AdamW weight decay on Linear weights (see param_groups)")
     a("--beta2", type=float, default=0.95, help="AdamW beta2 (beta1 is 0.9)")
     a("--clip-grad", type=float, default=0.0, help="max grad norm; 0 = no clipping (official)")
     a("--seed", type=int, default=0, help="initial weights, data order, augmentation and masks")
     # systems
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu (default: cuda if any)")
-    a("--dtype", default=None, choices=["bf16", "fp32"], help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)")
-    a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on CUDA)")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
+    a("--dtype", choices=["bf16", "fp32"], help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)")
+    a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on CUDA)")
     a("--peak-tflops", type=float, default=989.0, help="accelerator peak for MFU (H100 SXM bf16 dense: 989)")
     # bookkeeping
-    a("--out-dir", default="runs/default", help="checkpoints, tokenizer, config.json and log.jsonl go here")
+    a("--out-dir", default="runs/default", help="checkpoints, tokenizer, config.json and log.jsonl go here: one run")
+    a("--resume", action="store_true", help="continue the run in OUT_DIR (flags not repeated come from the run)")
+    a("--overwrite", action="store_true", help="delete the run in OUT_DIR and start afresh")
     a("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
-    a("--log-every", type=int, default=25, help="log and check for non-finite loss every N steps")
-    a("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt if it exists")
+    a("--log-every", type=int, default=25, help="log and check for non-finite loss and gradients every N steps")
     a("--stop-after", type=int, help="save and exit after this step (simulates an interruption)")
-    a("--probe", action=argparse.BooleanOptionalAction, default=True, help="quick linear probe at the end")
+    a("--probe", action=argparse.BooleanOptionalAction, default=True, help="built-in data: quick probe at the end")
     a("--probe-train-size", type=int, default=5000, help="built-in data: labelled images to fit the quick probe")
     a("--probe-test-size", type=int, default=2000, help="built-in data: labelled images to score it")
     a("--bench", action="store_true", help="time --bench-steps steps on random tensors and exit")
     a("--bench-steps", type=int, default=20, help="--bench: timed steps (after 3 warm-up steps)")
+    return p
+
+
+def given_flags(p, argv):
+    """The dest names of the flags present on the command line (the rest took their defaults)."""
+    probe_parser = copy.deepcopy(p)
+    for action in probe_parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(probe_parser.parse_known_args(argv)[0]))
+
+
+def get_args(argv=None):
+    """Parse, then check every value, path and combination before any work: one line naming the flag, exit 2."""
+    p = build_parser()
     args = p.parse_args(argv)
-    if args.base_lr is None:
-        # tiny: peak lr 1.5e-3 at batch 64. Measured on the built-in data (README, "Quick start"): at base 1.5e-3
-        # the text barely learned to read the image in 1000 steps; at 6e-3 it does, and the colour probe shows it
+    args.given = sorted(given_flags(p, argv if argv is not None else sys.argv[1:]))
+    if args.resume and not args.bench:  # flags the user did not repeat come from the run (rundir.merge_resume_args)
+        recorded = rundir.recorded_args(args.out_dir)
+        if recorded is not None:
+            try:
+                args.resume_notes = rundir.merge_resume_args(args, set(args.given), recorded)
+            except rundir.RunDirError as e:
+                p.error(str(e))
+    check_args(p, args)
+    return args
+
+
+def check_args(p, args):
+    def bad(flag, value, valid):
+        p.error(f"argument --{flag}: {value!r} {valid}")
+
+    for name, low in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("log_every", 1), ("save_every", 1),
+                      ("warmup_steps", 0), ("workers", 0), ("train_size", 1), ("vocab_size", 8),
+                      ("tokenizer_captions", 1), ("probe_train_size", 2), ("probe_test_size", 1), ("bench_steps", 1)):
+        if getattr(args, name) < low:
+            bad(name.replace("_", "-"), getattr(args, name), f"must be >= {low}")
+    for name in ("image_size", "patch_size", "text_len", "epoch_samples", "stop_after"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            bad(name.replace("_", "-"), getattr(args, name), "must be >= 1")
+    for name in ("image_mask_ratio", "text_mask_ratio"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            bad(name.replace("_", "-"), getattr(args, name), "must be in [0, 1): the fraction removed")
+    for name in ("image_weight", "text_weight", "weight_decay", "clip_grad", "min_lr"):
+        if not getattr(args, name) >= 0.0:
+            bad(name.replace("_", "-"), getattr(args, name), "must be >= 0")
+    if not 0.0 <= args.paired_share <= 1.0:
+        bad("paired-share", args.paired_share, "must be in [0, 1]")
+    if not 0.0 <= args.beta2 < 1.0:
+        bad("beta2", args.beta2, "must be in [0, 1)")
+    for name in ("base_lr", "lr"):
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
+            bad(name.replace("_", "-"), getattr(args, name), "must be > 0")
+    if args.base_lr is not None and args.lr is not None:
+        p.error("argument --lr: give --lr (absolute) or --base-lr (scaled by batch / 256), not both")
+    if args.image_weight == 0 and (args.text_weight == 0 or args.no_text):
+        p.error("argument --image-weight: 0 with no text loss leaves nothing to train")
+    world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's; the process group is joined later
+    if args.batch_size % (world * args.grad_accum):
+        bad("batch-size", args.batch_size, f"must divide by ranks x --grad-accum = {world} x {args.grad_accum}")
+    if args.stop_after is not None and args.stop_after > args.steps:
+        bad("stop-after", args.stop_after, f"is past --steps {args.steps}")
+    # devices
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        bad("device", args.device, "needs a CUDA GPU and none is visible (use --device cpu)")
+    if args.compile and not args.device.startswith("cuda") and not args.bench:
+        pass  # torch.compile on CPU works (slowly); nothing to refuse
+    # the data source follows from the flags; a contradiction is refused
+    inferred = "csv" if args.csv else ("wds" if args.wds_shards else "builtin")
+    if args.csv and args.wds_shards:
+        p.error("argument --csv: give --csv or --wds-shards, not both")
+    if args.data is None:
+        args.data = inferred
+    elif args.data != inferred:
+        need = {"csv": "--csv FILE", "wds": "--wds-shards PATTERN", "builtin": "neither --csv nor --wds-shards"}
+        p.error(f"argument --data: {args.data!r} needs {need[args.data]}" + (
+            f" (got {'--csv' if args.csv else '--wds-shards'})" if inferred != "builtin" else ""))
+    if args.data != "csv":
+        for name in ("csv_img_key", "csv_caption_key", "csv_separator"):
+            if getattr(args, name) is not None:
+                p.error(f"argument --{name.replace('_', '-')}: only with --csv")
+    if args.data == "wds" and not args.epoch_samples:
+        p.error("argument --epoch-samples: --wds-shards needs it (samples per epoch: a stream has no length)")
+    if args.data != "wds" and args.epoch_samples:
+        p.error("argument --epoch-samples: only with --wds-shards (other sources have a length)")
+    # paths, before any work
+    for flag, path, kind in (("csv", args.csv, "file"), ("text-file", args.text_file, "file"),
+                             ("tokenizer", args.tokenizer, "file"), ("image-dir", args.image_dir, "folder")):
+        if path and not (os.path.isfile(path) if kind == "file" else os.path.isdir(path)):
+            bad(flag, path, f"is not a {kind}")
+    if args.data == "wds":
+        try:
+            shards = data.expand_shards(args.wds_shards)
+        except ValueError as e:
+            bad("wds-shards", args.wds_shards, f"cannot be read: {e}")
+        missing = [s for s in shards if not os.path.isfile(s)]
+        if not shards or missing:
+            bad("wds-shards", args.wds_shards, f"names {len(missing)} missing file(s), e.g. {missing[0]}" if missing
+                else "matches no file")
+    # legal but almost surely unintended: one line each
+    if args.warmup_steps >= args.steps:
+        print(f"warning: --warmup-steps {args.warmup_steps} >= --steps {args.steps}: the lr never leaves warmup")
+    if args.image_mask_ratio == 0 and (args.text_mask_ratio == 0 or args.no_text):
+        print("warning: nothing is masked (--image-mask-ratio 0, no text masking): the loss is over no token")
+
+    if args.base_lr is None and args.lr is None:
+        # tiny: peak lr 1.5e-3 at batch 64. Measured on the built-in data (docs/log.md): at base 1.5e-3 the text
+        # barely learned to read the image in 1000 steps; at 6e-3 it does, and the colour probe shows it
         args.base_lr = 6e-3 if args.preset == "tiny" else 1.5e-4
     if args.text_weight == 0:
         args.no_text = True  # a zero text weight is the MAE baseline: don't feed captions the loss ignores
-    return args
+    c = model_config(args, vocab_size=1)
+    if c.image_size % c.patch_size:
+        p.error(f"argument --image-size: {c.image_size} is not a multiple of the patch size {c.patch_size}")
 
 
 def model_config(args, vocab_size):
@@ -255,16 +386,22 @@ def set_rng_state(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def save_checkpoint(path, model, optimizer, progress, env, args):
-    """Every rank's RNG state is gathered (a collective: all ranks call this); rank 0 writes atomically."""
+def save_checkpoint(model, optimizer, progress, env, args, extra):
+    """Every rank's RNG state is gathered (a collective: all ranks call this); rank 0 writes (rundir.save_checkpoint:
+    verified, the previous one kept, never with non-finite values)."""
     rng = [None] * env.world
     if env.ddp:
         dist.all_gather_object(rng, rng_state())
     else:
         rng = [rng_state()]
     if env.master:
-        save_atomic(checkpoint_dict(model, optimizer=optimizer.state_dict(), rng=rng, args=vars(args), **progress),
-                    path)
+        rundir.save_checkpoint(checkpoint_dict(model, optimizer=optimizer.state_dict(), rng=rng, args=run_args(args),
+                                               **progress, **extra), args.out_dir)
+
+
+def run_args(args):
+    """The flags a checkpoint and config.json record (what a --resume takes back), without per-invocation notes."""
+    return {k: v for k, v in vars(args).items() if k not in ("given", "resume_notes")}
 
 
 # -----------------------------------------------------------------------------
@@ -272,26 +409,31 @@ def save_checkpoint(path, model, optimizer, progress, env, args):
 
 
 def build_data(args, image_size, text_len):
-    """Returns (tokenizer, pretraining dataset, (probe train, probe test) or None). The pretraining dataset is
-    map-style (built-in, CSV, plus text-file / image-dir extras: exact resume) or a stream (webdataset shards)."""
-    if args.data == "builtin":
-        pairs = builtin.Builtin("pretrain", args.train_size, image_size, seed=args.data_seed, level=args.data_level)
-        mean, std = builtin.BUILTIN_MEAN, builtin.BUILTIN_STD
-    elif args.data == "csv":
-        pairs = data.CsvPairs(args.csv)
-        mean, std = data.CC12M_MEAN, data.CC12M_STD
-    else:
-        pairs = data.WebDatasetShards(args.wds_shards)
-        mean, std = data.CC12M_MEAN, data.CC12M_STD
-    extras = ([data.TextLines(args.text_file)] if args.text_file else []) + (
-        [data.ImageOnlyFolder(args.image_dir)] if args.image_dir else [])
+    """Returns (tokenizer, pretraining dataset, (probe train, probe test) or None, (mean, std)). The pretraining
+    dataset is map-style (built-in, CSV, plus text-file / image-dir extras: exact resume) or a stream (webdataset
+    shards). A source that cannot be read ends the run here with one line naming it."""
+    try:
+        if args.data == "builtin":
+            pairs = builtin.Builtin("pretrain", args.train_size, image_size, seed=args.data_seed, level=args.data_level)
+            mean, std = builtin.BUILTIN_MEAN, builtin.BUILTIN_STD
+        elif args.data == "csv":
+            pairs = data.CsvPairs(args.csv, args.csv_img_key, args.csv_caption_key, args.csv_separator)
+            mean, std = data.CC12M_MEAN, data.CC12M_STD
+        else:
+            pairs = data.WebDatasetShards(args.wds_shards)
+            mean, std = data.CC12M_MEAN, data.CC12M_STD
+        extras = ([data.TextLines(args.text_file)] if args.text_file else []) + (
+            [data.ImageOnlyFolder(args.image_dir)] if args.image_dir else [])
+    except ValueError as e:
+        sys.exit(f"train.py: error: {e}")
 
-    def captions():  # the tokenizer's training corpus: every caption the run will see
-        yield from pairs.captions()
-        for extra in extras:
-            yield from extra.captions()
+    def captions():  # the tokenizer's training corpus: the first --tokenizer-captions captions the run will see
+        corpus = itertools.chain(pairs.captions(), *(extra.captions() for extra in extras))
+        total = min(args.tokenizer_captions, len(pairs) + sum(map(len, extras))) if args.data != "wds" else None
+        yield from tqdm(itertools.islice(corpus, args.tokenizer_captions), total=total or args.tokenizer_captions,
+                        desc="tokenizer corpus", unit=" captions", leave=False, mininterval=1.0)
 
-    tokenizer = get_tokenizer(args.tokenizer or os.path.join(args.out_dir, "tokenizer.model"), captions,
+    tokenizer = get_tokenizer(args.tokenizer or os.path.join(args.out_dir, rundir.TOKENIZER), captions,
                               args.vocab_size)
     if args.data == "builtin":
         # Built-in captions name positions ("top left"): a flip or a crop would make them wrong, and procedural
@@ -315,7 +457,7 @@ def build_data(args, image_size, text_len):
             data.LabelledDataset(builtin.Builtin(split, size, image_size, seed=args.data_seed, level=args.data_level),
                                  evaluate)
             for split, size in (("train", args.probe_train_size), ("test", args.probe_test_size)))
-    return tokenizer, dataset, probe_sets
+    return tokenizer, dataset, probe_sets, (mean, std)
 
 
 # -----------------------------------------------------------------------------
@@ -388,24 +530,20 @@ def train_step(model, optimizer, batches, step, lr, env, args, config, skips):
 def main(argv=None):
     args = get_args(argv)
     env = setup(args.device, args.dtype, args.compile)
-    if args.batch_size % (env.world * args.grad_accum):
-        sys.exit(f"--batch-size {args.batch_size} must divide by ranks x grad-accum = {env.world * args.grad_accum}")
     per_rank = args.batch_size // env.world  # samples per rank per optimizer step
     micro_batch = per_rank // args.grad_accum
     if args.bench:
         return bench(args, env, micro_batch)
 
-    # --- tokenizer and data (rank 0 trains or loads the tokenizer first; the others then load its file) ---
-    os.makedirs(args.out_dir, exist_ok=True)
-    geometry = model_config(args, vocab_size=1)  # image size and text length before the tokenizer exists
+    # --- the out-dir is this run's (rank 0 holds its lock), then the tokenizer and the data ---
+    lock = claim_out_dir(args) if env.master else None
     if env.ddp and not env.master:
-        dist.barrier()
-    tokenizer, dataset, probe_sets = build_data(args, geometry.image_size, geometry.text_len)
+        dist.barrier()  # rank 0 trains (or loads) the tokenizer first; the others then load its file
+    geometry = model_config(args, vocab_size=1)  # image size and text length before the tokenizer exists
+    tokenizer, dataset, probe_sets, norm = build_data(args, geometry.image_size, geometry.text_len)
     if env.ddp and env.master:
         dist.barrier()
-    stream = isinstance(dataset, torch.utils.data.IterableDataset)
-    if stream and not args.epoch_samples:
-        sys.exit("--data wds needs --epoch-samples (a stream has no length)")
+    fingerprint = run_fingerprint(args)
 
     # --- model and optimizer; the initial weights depend on --seed alone (the same on every rank) ---
     config = model_config(args, tokenizer.vocab_size)
@@ -417,29 +555,33 @@ def main(argv=None):
                 p.requires_grad_(False)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=0.0, betas=(0.9, args.beta2),
                                   fused=env.cuda)
-    max_lr = args.base_lr * args.batch_size / 256  # the linear scaling rule (mae, official)
+    max_lr = args.lr if args.lr is not None else args.base_lr * args.batch_size / 256  # linear scaling (mae, official)
 
-    # --- resume ---
+    # --- resume: the newest readable checkpoint, the run's data unchanged, the log without replayed steps ---
     progress = dict(step=0, epoch=0, batch_in_epoch=0)
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    if args.resume and os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location=env.device, weights_only=True)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        progress = {k: ckpt[k] for k in progress}
-        if len(ckpt["rng"]) == env.world:
-            set_rng_state(ckpt["rng"][env.rank])
+    if args.resume:
+        ckpt, name = rundir.load_checkpoint(args.out_dir, map_location=env.device)
+        if ckpt is not None:
+            rundir.check_fingerprint(ckpt.get("fingerprint", fingerprint), fingerprint)
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            progress = {k: ckpt[k] for k in progress}
+            if len(ckpt["rng"]) == env.world:
+                set_rng_state(ckpt["rng"][env.rank])
         if env.master:
-            print(f"resumed from {ckpt_path} at step {progress['step']} (epoch {progress['epoch']}, batch "
-                  f"{progress['batch_in_epoch']})")
+            rundir.trim_log(args.out_dir, progress["step"])
+            print(f"resumed from {name} at step {progress['step']} (epoch {progress['epoch']}, batch "
+                  f"{progress['batch_in_epoch']})" if ckpt else f"--resume: no checkpoint in {args.out_dir} yet, "
+                  "starting at step 0", *[f"; {n}" for n in getattr(args, "resume_notes", [])])
     if env.master:
-        with open(os.path.join(args.out_dir, "config.json"), "w") as f:
-            json.dump({"model": asdict(config), "args": vars(args), "world_size": env.world}, f, indent=2)
+        with open(os.path.join(args.out_dir, rundir.CONFIG), "w") as f:
+            json.dump({"model": asdict(config), "args": run_args(args), "world_size": env.world,
+                       "fingerprint": fingerprint}, f, indent=2)
         n = sum(p.numel() for p in model.parameters())
         print(f"{args.preset}: {n / 1e6:.2f}M parameters, {'MAE baseline (no text)' if args.no_text else 'M3AE'}, "
-              f"global batch {args.batch_size} = {env.world} ranks x {args.grad_accum} accum x {micro_batch}, "
-              f"lr {max_lr:.2e}, device {env.device}, autocast {args.dtype or ('bf16' if env.cuda else 'fp32')}, "
-              f"compile {env.compile}")
+              f"data {args.data}, global batch {args.batch_size} = {env.world} ranks x {args.grad_accum} accum x "
+              f"{micro_batch}, lr {max_lr:.2e}, device {env.device}, autocast "
+              f"{args.dtype or ('bf16' if env.cuda else 'fp32')}, compile {env.compile}, workers {args.workers}")
 
     # --- compile and DDP wrap the model the loop steps; `model` stays the plain module we save ---
     step_model = torch.compile(model) if env.compile else model
@@ -448,9 +590,10 @@ def main(argv=None):
         step_model = DDP(step_model, device_ids=[env.device.index] if env.cuda else None,
                          find_unused_parameters=args.paired_share < 1 or bool(args.text_file or args.image_dir))
 
-    # --- the loop ---
-    finished = loop(step_model, model, optimizer, dataset, progress, max_lr, env, args, config, ckpt_path,
-                    micro_batch, per_rank)
+    # --- the loop; what a checkpoint carries besides weights and progress: how to read data for this encoder ---
+    extra = dict(fingerprint=fingerprint, data={"mean": list(norm[0]), "std": list(norm[1]), "source": args.data})
+    finished = loop(step_model, model, optimizer, dataset, progress, max_lr, env, args, config, micro_batch,
+                    per_rank, extra)
 
     # --- a quick look at what it learned (built-in data) ---
     result = None
@@ -458,26 +601,46 @@ def main(argv=None):
         result = end_of_run_check(model, tokenizer, probe_sets, args, progress["step"])
     if env.ddp:
         dist.destroy_process_group()
+    if lock:
+        lock.close()
     return result
 
 
-def loop(step_model, model, optimizer, dataset, progress, max_lr, env, args, config, ckpt_path, micro_batch,
-         per_rank):
+def claim_out_dir(args):
+    """rundir.claim, its refusal as a one-line error (exit 2)."""
+    try:
+        return rundir.claim(args.out_dir, args.resume, args.overwrite)
+    except rundir.RunDirError as e:
+        build_parser().error(str(e))
+
+
+def run_fingerprint(args):
+    """What the run reads (rundir.data_fingerprint): the CSV or shards, the extras, the tokenizer file."""
+    shards = data.expand_shards(args.wds_shards) if args.data == "wds" else []
+    tokenizer = args.tokenizer or os.path.join(args.out_dir, rundir.TOKENIZER)
+    return rundir.data_fingerprint(files=[args.csv, args.text_file, tokenizer], shards=shards, folders=[args.image_dir])
+
+
+def loop(step_model, model, optimizer, dataset, progress, max_lr, env, args, config, micro_batch, per_rank, extra):
     """Train from `progress` (step, epoch, batch_in_epoch; updated in place) to args.steps. Logs every
-    --log-every steps, saves every --save-every. Returns False when --stop-after ended it early."""
+    --log-every steps, saves every --save-every. Returns False when --stop-after ended it early.
+    Non-finite values: each step marks, on the device, whether its loss and gradient norm were finite; the mark
+    is read at every log and before every save (no extra host sync), so the run stops at most --log-every steps
+    after a bad step, before any save, and the checkpoint it names holds the last good weights."""
     flops_per_sample = train_flops_per_sample(config, with_text=not args.no_text)
-    log_file = open(os.path.join(args.out_dir, "log.jsonl"), "a") if env.master else None
+    log_file = open(os.path.join(args.out_dir, rundir.LOG), "a") if env.master else None
     skips = data.SkipLog()
-    first_bad = torch.tensor(-1, device=env.device)  # index of the first step with a non-finite loss, on device
+    first_bad = torch.tensor(-1, device=env.device)  # index of the first step with a non-finite loss or gradient
+    saved = {"step": progress["step"] if args.resume else None}
 
     def check_finite():
-        """One host sync: stop, naming the first bad step, if any loss since the last check was not finite.
-        Called before every save, so a checkpoint never holds weights updated by a non-finite loss."""
         if first_bad.item() >= 0:
             if log_file:
                 log_file.close()
-            raise FloatingPointError(f"non-finite loss at step {first_bad.item() + 1}; stopped. The last good "
-                                     f"checkpoint (if any) is {ckpt_path}, written before that step")
+            good = (f"{os.path.join(args.out_dir, rundir.CKPT)} (step {saved['step']})" if saved["step"] is not None
+                    else "none: no checkpoint was written before it")
+            raise FloatingPointError(f"non-finite loss or gradient norm at step {first_bad.item() + 1}; stopped "
+                                     f"without saving. The last good checkpoint is {good}")
 
     bar = tqdm(total=args.steps, initial=progress["step"], disable=not env.master, dynamic_ncols=True)
     t_last, samples_since = time.perf_counter(), 0
@@ -486,13 +649,14 @@ def loop(step_model, model, optimizer, dataset, progress, max_lr, env, args, con
                                                 per_rank, env, args.seed, args.workers, args.epoch_samples,
                                                 args.batch_size, args.grad_accum)
         if steps_in_epoch == 0:
-            sys.exit(f"the dataset ({args.epoch_samples if args.epoch_samples else len(dataset)}) is smaller than "
-                     f"one global batch ({args.batch_size})")
+            sys.exit(f"train.py: error: the dataset ({args.epoch_samples if args.epoch_samples else len(dataset)} "
+                     f"samples) is smaller than one global batch ({args.batch_size})")
         while progress["batch_in_epoch"] < steps_in_epoch and progress["step"] < args.steps:
             step = progress["step"]
             lr = lr_at(step, max_lr, args.warmup_steps, args.steps, args.min_lr)
             parts, grad_norm = train_step(step_model, optimizer, batches, step, lr, env, args, config, skips)
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(parts[0]), step, first_bad)
+            finite = torch.isfinite(parts[0]) & torch.isfinite(grad_norm)
+            first_bad = torch.where((first_bad < 0) & ~finite, step, first_bad)
             step = progress["step"] = step + 1
             progress["batch_in_epoch"] += 1
             samples_since += args.batch_size
@@ -516,7 +680,8 @@ def loop(step_model, model, optimizer, dataset, progress, max_lr, env, args, con
                 t_last, samples_since = time.perf_counter(), 0
             if step % args.save_every == 0 or step == args.steps or step == args.stop_after:
                 check_finite()
-                save_checkpoint(ckpt_path, model, optimizer, progress, env, args)
+                save_checkpoint(model, optimizer, progress, env, args, extra)
+                saved["step"] = step
             if step == args.stop_after:
                 bar.close()
                 if log_file:

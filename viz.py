@@ -55,7 +55,7 @@ STOP_WORDS = {"a", "an", "the", "there", "is", "are", "of", "on", "in", "at", "w
 
 
 def get_args(argv=None):
-    p = make_parser(__doc__)
+    p = make_parser(__doc__, prog="viz.py")
     a = p.add_argument
     a("--ckpt", required=True, help="checkpoint from train.py or convert.py (a dict with 'model' and 'config')")
     a("--tokenizer", help="sentencepiece .model (default: the run's --tokenizer, else tokenizer.model next to "

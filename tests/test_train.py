@@ -199,11 +199,162 @@ def test_resume_is_bit_identical(tmp_path):
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     # an absurd learning rate overflows the activations after the first update
-    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 2"):
+    with pytest.raises(FloatingPointError, match=r"non-finite loss or gradient norm at step 2; stopped without "
+                                                 r"saving. The last good checkpoint is .*ckpt.pt \(step 1\)"):
         run(tmp_path, "--steps", "5", "--base-lr", "1e30", "--warmup-steps", "0", "--save-every", "1")
     ckpt = params(tmp_path)
     assert ckpt["step"] == 1
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_nan_gradient_with_a_finite_loss_is_never_saved(tmp_path, monkeypatch):
+    """The failure users hit: a finite loss, a NaN gradient norm, AdamW turns every weight NaN; the periodic save
+    must not write them, and the checkpoint the message names must be the good one."""
+    real, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def poisoned(parameters, max_norm, *args, **kwargs):
+        parameters = [p for p in parameters if p.grad is not None]
+        calls.append(1)
+        if len(calls) == 3:  # step 3: one gradient entry NaN, the loss stays finite
+            parameters[0].grad.view(-1)[0] = float("nan")
+        return real(parameters, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", poisoned)
+    with pytest.raises(FloatingPointError, match=r"at step 3; stopped without saving.*\(step 2\)"):
+        run(tmp_path, "--steps", "6", "--save-every", "1", "--log-every", "5")
+    ckpt = params(tmp_path)
+    assert ckpt["step"] == 2 and not train.rundir.nonfinite({"m": ckpt["model"], "o": ckpt["optimizer"]})
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in records)
+
+
+def test_save_refuses_non_finite_state(tmp_path):
+    model = M3AE(make_config("tiny", vocab_size=30))
+    state = model.state_dict()
+    state["cls_token"] = torch.full_like(state["cls_token"], float("inf"))
+    with pytest.raises(FloatingPointError, match="cls_token"):
+        train.rundir.save_checkpoint({"model": state, "step": 1}, str(tmp_path))
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--image-mask-ratio", "1.5"], "--image-mask-ratio: 1.5 must be in [0, 1)"),
+    (["--text-mask-ratio", "-0.5"], "--text-mask-ratio: -0.5 must be in [0, 1)"),
+    (["--log-every", "0"], "--log-every: 0 must be >= 1"),
+    (["--save-every", "0"], "--save-every: 0 must be >= 1"),
+    (["--batch-size", "0"], "--batch-size: 0 must be >= 1"),
+    (["--grad-accum", "0"], "--grad-accum: 0 must be >= 1"),
+    (["--batch-size", "10", "--grad-accum", "3"], "--batch-size: 10 must divide by ranks x --grad-accum = 1 x 3"),
+    (["--paired-share", "1.2"], "--paired-share: 1.2 must be in [0, 1]"),
+    (["--base-lr", "0"], "--base-lr: 0.0 must be > 0"),
+    (["--lr", "1e-3", "--base-lr", "1e-3"], "give --lr (absolute) or --base-lr"),
+    (["--image-weight", "0", "--no-text"], "--image-weight: 0 with no text loss leaves nothing to train"),
+    (["--image-size", "30"], "--image-size: 30 is not a multiple of the patch size 8"),
+    (["--data", "wds"], "--data: 'wds' needs --wds-shards PATTERN"),
+    (["--data", "builtin", "--csv", "x.csv"], "--data: 'builtin' needs neither --csv nor --wds-shards"),
+    (["--csv", "nope.csv"], "--csv: 'nope.csv' is not a file"),
+    (["--wds-shards", "nope-{0..3}.tar", "--epoch-samples", "8"], "--wds-shards: 'nope-{0..3}.tar'"),
+    (["--wds-shards", "x.tar"], "--epoch-samples: --wds-shards needs it"),
+    (["--csv-img-key", "img"], "--csv-img-key: only with --csv"),
+    (["--image-dir", "no/such/folder"], "--image-dir: 'no/such/folder' is not a folder"),
+    (["--text-file", "no_such.txt"], "--text-file: 'no_such.txt' is not a file"),
+    (["--tokenizer", "no_such.model"], "--tokenizer: 'no_such.model' is not a file"),
+    (["--stop-after", "9", "--steps", "5"], "--stop-after: 9 is past --steps 5"),
+])
+def test_bad_flags_fail_before_any_work_with_one_line(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as e:
+        train.main(SMALL + ["--out-dir", str(tmp_path / "run"), *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and message in err[-1], err[-1]
+    assert not (tmp_path / "run").exists()  # nothing was made: no tokenizer, no out-dir
+
+
+def test_warnings_for_legal_but_unintended_settings(tmp_path, capsys):
+    run(tmp_path, "--steps", "2", "--warmup-steps", "5", "--image-mask-ratio", "0", "--text-mask-ratio", "0")
+    out = capsys.readouterr().out
+    assert "--warmup-steps 5 >= --steps 2" in out and "nothing is masked" in out
+
+
+def test_an_out_dir_belongs_to_one_run(tmp_path, capsys):
+    run(tmp_path, "--steps", "2")
+    # a rerun without --resume is refused, naming what is there and the two ways on
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "--steps", "2", "--vocab-size", "128")
+    assert e.value.code == 2 and "already holds a run (ckpt.pt" in capsys.readouterr().err
+    # --resume refuses a changed geometry, naming each field, and keeps what was not repeated
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--steps", "4", "--resume", "--image-size", "64", "--seed", "3")
+    err = capsys.readouterr().err
+    assert "--image-size None -> 64" in err and "--seed 0 -> 3" in err
+    run(tmp_path, "--steps", "3", "--resume")
+    assert params(tmp_path)["step"] == 3
+    # --overwrite starts afresh: a new tokenizer for the new vocabulary
+    run(tmp_path, "--steps", "1", "--overwrite", "--vocab-size", "128")
+    assert params(tmp_path)["step"] == 1 and load_model(tmp_path / "ckpt.pt")[0].config.vocab_size <= 128
+
+
+def test_a_second_run_in_the_same_out_dir_fails_at_once(tmp_path, capsys):
+    proc = _spawn(tmp_path, "--steps", "1000", "--save-every", "2")
+    _wait_for(tmp_path / "ckpt.pt", proc)
+    t0 = time.time()
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "--steps", "1000", "--resume")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert e.value.code == 2 and f"in use by another train.py (pid {proc.pid})" in capsys.readouterr().err
+    assert time.time() - t0 < 5
+    run(tmp_path, "--steps", "1", "--overwrite")  # the lock died with its holder
+
+
+def test_resume_keeps_the_data_source_and_refuses_changed_data(tmp_path, capsys):
+    from PIL import Image
+
+    rows = ["img\tdesc"] + [f"{i}.png\ta photo number {i}" for i in range(8)]
+    for i in range(8):
+        Image.new("RGB", (40, 30), (30 * i, 100, 200)).save(tmp_path / f"{i}.png")
+    (tmp_path / "pairs.tsv").write_text("\n".join(rows) + "\n")
+    run(tmp_path / "run", "--csv", str(tmp_path / "pairs.tsv"), "--csv-img-key", "img", "--csv-caption-key", "desc",
+        "--batch-size", "4", "--steps", "4", "--stop-after", "2")
+    assert params(tmp_path / "run")["args"]["data"] == "csv"  # --csv alone chose the source
+    train.main(["--out-dir", str(tmp_path / "run"), "--resume", "--workers", "0"])  # no other flag: the run's own
+    ckpt = params(tmp_path / "run")
+    assert ckpt["step"] == 4 and ckpt["args"]["csv"] == str(tmp_path / "pairs.tsv") and ckpt["args"]["data"] == "csv"
+    assert ckpt["data"]["mean"] == list(train.data.CC12M_MEAN)
+    (tmp_path / "pairs.tsv").write_text("\n".join(rows[:5]) + "\n")  # the file changes under the run
+    with pytest.raises(Exception, match="data or tokenizer changed since it started: .*pairs.tsv"):
+        train.main(["--out-dir", str(tmp_path / "run"), "--resume", "--steps", "6", "--workers", "0"])
+
+
+def test_failed_save_cleans_up_and_says_disk_full(tmp_path, monkeypatch):
+    run(tmp_path, "--steps", "2", "--save-every", "1")
+    before = params(tmp_path)["step"]
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 4416 vs 4302")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(train.rundir.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
+    with pytest.raises(train.rundir.RunDirError, match=r"no space left on the device of .*while writing a checkpoint"):
+        run(tmp_path, "--steps", "4", "--save-every", "1", "--resume")
+    monkeypatch.setattr(torch, "save", real_save)
+    assert not [n for n in os.listdir(tmp_path) if ".tmp." in n]  # the temp file is gone
+    assert params(tmp_path)["step"] == before  # ckpt.pt as it was
+
+
+def test_stale_temp_files_and_a_corrupt_checkpoint(tmp_path, capsys):
+    run(tmp_path, "--steps", "4", "--save-every", "2")
+    assert params(tmp_path)["step"] == 4 and torch.load(tmp_path / "ckpt_prev.pt", weights_only=True)["step"] == 2
+    (tmp_path / "ckpt.pt.tmp.999").write_bytes(b"x" * 1000)  # a killed run's torn write
+    with open(tmp_path / "ckpt.pt", "r+b") as f:  # truncate the newest checkpoint
+        f.truncate(os.path.getsize(tmp_path / "ckpt.pt") // 3)
+    run(tmp_path, "--steps", "6", "--save-every", "2", "--resume")
+    out = capsys.readouterr().out
+    assert "ckpt.pt cannot be read" in out and "resumed from ckpt_prev.pt at step 2" in out
+    assert not (tmp_path / "ckpt.pt.tmp.999").exists() and params(tmp_path)["step"] == 6
+    steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the replayed steps 3-4 are logged once
 
 
 def _spawn(out_dir, *extra, wrapper=""):
@@ -232,6 +383,8 @@ def test_sigkill_during_training_and_during_a_save_leaves_a_loadable_checkpoint(
     assert step >= 2 and step % 2 == 0
     run(tmp_path, "--steps", str(step + 2), "--resume", "--save-every", "2")
     assert params(tmp_path)["step"] == step + 2
+    steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, step + 3))  # each step once, although the kill came after the last save
 
     # 2. killed in the middle of writing the second checkpoint: half its bytes are on disk, in the temp file
     slow = tmp_path / "slow"
