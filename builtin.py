@@ -131,7 +131,7 @@ ARROW_DIRECTIONS = ["right", "up", "left", "down"]  # rotation 0, 90, 180, 270 d
 
 # Difficulty levels: geometry as fractions of image_size, counts, noise and which backgrounds are drawn.
 # "hard" is the task described above (at 64 px: main object 11-17 px, distractors 5-9 px). Measured on the
-# 2-core dev box (README, "Data"), a tiny ViT trained *with labels* stays at chance on it for 300 steps, so no
+# 2-core dev box (docs/log.md), a tiny ViT trained *with labels* stays at chance on it for 300 steps, so no
 # self-supervised encoder learns it in the minutes a default run has. "easy" keeps everything a caption
 # describes (shape, colour, size, position, distractors, background) but makes the object large (45-65% of
 # the side), draws fewer distractors, little noise and only the smooth backgrounds: learnable in minutes, while
@@ -193,7 +193,7 @@ def _caption(rng, s):
     every word; incomplete on purpose: 10% omit the colour, 15% name no shape (a generic noun instead), 3%
     describe only the background.
 
-    Why the colour comes first and the caption is short (measured on the 2-core dev box, README "Data"): with
+    Why the colour comes first and the caption is short (measured on the 2-core dev box, docs/log.md): with
     75% of the text slots masked, the decoder can only use the image for a masked word once it knows which
     kind of word the slot holds, and with ~2 visible words per caption the slot's position is most of that
     evidence. Earlier captions (eight clause templates, every part 50-85% of the time, the colour anywhere in

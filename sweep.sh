@@ -38,7 +38,7 @@ flags() {
     text015) echo "--text-mask-ratio 0.15" ;;
     paired10) echo "--paired-share 0.1" ;;
     paired0) echo "--paired-share 0" ;;
-    textw2) echo "--text-weight 2.0" ;;                 # not in the default list: the text-weight lever (README)
+    textw2) echo "--text-weight 2.0" ;;                 # not in the default list: the text-weight lever (docs/log.md)
     *) echo "unknown variant $1" >&2; exit 1 ;;
   esac
 }
