@@ -2,7 +2,8 @@
 
     python train.py                                   # tiny preset, built-in data, 2 CPU cores, minutes
     python train.py --no-text                         # the MAE baseline: same recipe, image-only mode
-    torchrun --nproc_per_node=8 train.py --preset base --data wds --wds-shards 'cc12m/{00000..01242}.tar'
+    python train.py --csv pairs.csv --preset base     # your image-caption pairs (header: filepath,caption)
+    torchrun --nproc_per_node=8 train.py --preset base --wds-shards 'cc12m/{00000..01242}.tar' --epoch-samples 10000000
     python train.py --bench --preset base             # throughput on random tensors (images/s, MFU)
 
 Recipe (paper section 4, official code): AdamW (0.9, 0.95), weight decay 0.05 on Linear weights only,
@@ -12,7 +13,8 @@ loss 1.0 x MSE + 0.5 x CE. Every value is a flag (`--help`).
 Determinism: each sample's augmentation is drawn from (seed, epoch, index) and each global batch's masking
 noise from (seed, step), not from a process-wide stream, so a resumed run, a run on more ranks and a run with
 more workers see the same samples with the same masks (map-style data; a webdataset stream resumes at the same
-sample with fresh augmentation draws). Checkpoints are written atomically (temp file + os.replace).
+sample with fresh augmentation draws). OUT_DIR belongs to one run (rundir.py): --resume continues it, --overwrite
+replaces it; checkpoints are verified before they replace the previous one.
 """
 
 import argparse
@@ -62,7 +64,7 @@ def build_parser():
     a("--image-size", type=int, help="image side in pixels (default: the preset's)")
     a("--patch-size", type=int, help="patch side in pixels (default: the preset's)")
     a("--text-len", type=int, help="caption length in tokens (default: the preset's)")
-    a("--image-mask-ratio", type=float, default=0.75, help="fraction of patches removed (paper: 0.75)")
+    a("--image-mask-ratio", type=float, default=0.75, help="fraction of patches removed (the paper's)")
     a("--text-mask-ratio", type=float, default=0.75, help="fraction of text slots removed, padding counted")
     a("--image-weight", type=float, default=1.0, help="weight of the pixel MSE")
     a("--text-weight", type=float, default=0.5, help="weight of the text CE; 0 trains the MAE baseline like --no-text")

@@ -89,7 +89,13 @@ def save_atomic(obj, path):
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+    """Appends "(default: X)" to every flag whose default is a value; a flag whose default is None or False says
+    in its own help what happens without it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def make_parser(doc, **kwargs):
