@@ -1,13 +1,22 @@
 """Weight conversion between model.py and the two reference implementations.
 
-    python convert.py official CKPT OUT.pt      official JAX M3AE (young-geng/m3ae_public): pickle or flat .npz
+    python convert.py official CKPT OUT.pt --tokenizer vocab.txt
+                                                official JAX M3AE (young-geng/m3ae_public): pickle or flat .npz
     python convert.py mae CKPT OUT.pt           facebookresearch/mae PyTorch checkpoint -> our image path
     python convert.py to-official OURS.pt OUT   ours -> flat official names (.npz, or a .pkl the official
                                                 scripts' load_checkpoint reads)
+    python convert.py to-timm OURS.pt OUT.pth   our encoder -> a timm VisionTransformer state_dict (no head)
+    python convert.py to-mae OURS.pt OUT.pth    our image path -> a facebookresearch/mae checkpoint {"model": ...}
 
-Every command builds the model and loads the converted weights with strict=True before writing, so a bad mapping
-fails here, not later in train.py. Errors name the offending parameter (ConversionError). The output is
-model.checkpoint_dict(...), which model.load_model reads with torch.load(weights_only=True).
+Every command into our format builds the model and loads the converted weights with strict=True before writing,
+so a bad mapping fails here, not later in train.py. Errors name the offending parameter (ConversionError). The
+output is model.checkpoint_dict(...), which model.load_model reads with torch.load(weights_only=True).
+
+Besides "model" and "config", a checkpoint may carry what is needed to feed it, so that it is self-contained:
+    "tokenizer": {"kind": "sentencepiece" | "wordpiece", "blob": bytes}   tokenizer.tokenizer_from_bytes reads it
+    "data": {"mean": [3 floats], "std": [3 floats], "source": str}      the normalisation the encoder expects
+(image size and text length are in "config"). Both load with weights_only=True. `official` always records the
+official preprocessing (CC12M statistics) and, with --tokenizer, BERT's vocabulary; `mae` records ImageNet's.
 
 Official parameters are flax names joined with "/" (e.g. "encoder/Block_0/Attention_0/Dense_0/kernel"); a flax
 Dense kernel is (in, out), the transpose of a torch Linear weight. Reading the official release never runs code
@@ -27,9 +36,48 @@ import zipfile
 import numpy as np
 import torch
 
+from data import CC12M_MEAN, CC12M_STD
+from tokenizer import load_tokenizer
+
 
 class ConversionError(ValueError):
     """A checkpoint that cannot be converted; the message names the file or parameter at fault."""
+
+
+# -----------------------------------------------------------------------------
+# what a converted checkpoint records besides its weights
+
+
+def data_entry(mean, std, source):
+    """The checkpoint's "data" entry: the per-channel normalisation the encoder was trained with."""
+    return {"mean": [float(m) for m in mean], "std": [float(s) for s in std], "source": source}
+
+
+# The official data pipeline normalises with CC12M statistics (its image_normalization='cc12m', what the README's
+# pretraining command uses); mae, like timm, with ImageNet's.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+OFFICIAL_DATA = data_entry(CC12M_MEAN, CC12M_STD, "official M3AE preprocessing (CC12M mean/std)")
+MAE_DATA = data_entry(IMAGENET_MEAN, IMAGENET_STD, "facebookresearch/mae preprocessing (ImageNet mean/std)")
+
+
+def read_tokenizer(path, flag="--tokenizer"):
+    """tokenizer.load_tokenizer(path) (a WordPiece vocab.txt or a sentencepiece model), errors naming `flag`."""
+    try:
+        return load_tokenizer(path)
+    except ValueError as e:
+        raise ConversionError(f"{flag} {e}") from None
+
+
+def check_vocab_size(tok, vocab_size, path, hint="", flag="--tokenizer"):
+    """A tokenizer must have exactly as many tokens as the model's text embedding has rows."""
+    if tok.vocab_size != vocab_size:
+        raise ConversionError(f"{flag} {path}: {tok.vocab_size} tokens, but the model's text embedding has "
+                              f"{vocab_size} rows: not this checkpoint's vocabulary{hint}")
+
+
+def tokenizer_entry(tok):
+    """The checkpoint's "tokenizer" entry: {"kind", "blob"}, read back by tokenizer.tokenizer_from_bytes."""
+    return {"kind": tok.kind, "blob": tok.to_bytes()}
 
 
 # -----------------------------------------------------------------------------
@@ -633,44 +681,80 @@ def load_mae_checkpoint(path):
     return state
 
 
+def _split_pos_table(table, dim, grid_size, what, notes):
+    """A mae position table (1, 1 + N, dim) -> (its CLS row (dim,), the constant it adds to every patch row
+    (1, 1, dim)). Our positions are fixed sin-cos: mae's own table is exactly that (constant 0), and to-mae writes
+    sin-cos plus our image type embedding, which comes back here as that embedding. Anything else (a learned or
+    interpolated table) cannot be represented: we warn and use our sin-cos table alone."""
+    from model import sincos_2d
+
+    if tuple(table.shape) != (1, 1 + grid_size**2, dim):  # --image-size chose another grid: nothing to compare
+        notes.append(f"mae's {what} is {tuple(table.shape)}, not for a {grid_size}x{grid_size} grid: ignored")
+        return torch.zeros(dim), torch.zeros(1, 1, dim)
+    offset = table[0, 1:].float() - sincos_2d(dim, grid_size)  # (N, dim)
+    constant = offset.mean(dim=0)
+    spread = (offset - constant).abs().max().item()
+    if spread > 1e-4:
+        notes.append(f"WARNING: mae's {what} is not our sin-cos table plus a constant (off by {spread:.2e}): our "
+                     "fixed positions replace it")
+        constant = torch.zeros(dim)
+    elif constant.abs().max() <= 1e-6:  # mae's own table (computed in numpy): rounding noise only
+        constant = torch.zeros(dim)
+    else:
+        notes.append(f"mae's {what} is our sin-cos table plus a constant (what to-mae writes): taken back as the "
+                     "image type embedding")
+    return table[0, 0].float(), constant.reshape(1, 1, dim)
+
+
 def convert_mae(path_or_state, image_size=None, vocab_size=None, text_len=None, num_heads=None,
                 dec_num_heads=None):
-    """mae checkpoint (path or state_dict) -> (model, notes, missing). The type embeddings of the image path are
-    set to zero, so the image path computes exactly mae's (positions only); the text path stays initialised."""
+    """mae checkpoint (path or state_dict) -> (model, notes, missing). The image path computes exactly mae's:
+    positions are our sin-cos table (mae's), the image type embeddings are zero (mae has none) unless the position
+    tables carry one folded in by to-mae, which is taken back. The text path stays initialised."""
     mae_state = load_mae_checkpoint(path_or_state) if isinstance(path_or_state, str) else path_or_state
     config, notes = infer_mae_config(mae_state, image_size, vocab_size, text_len, num_heads, dec_num_heads)
     state = mae_to_state_dict(mae_state)
-    state["enc_image_type"] = torch.zeros(1, 1, config.emb_dim)  # mae has no type embeddings
+    state["enc_image_type"] = torch.zeros(1, 1, config.emb_dim)
     state["dec_image_type"] = torch.zeros(1, 1, config.dec_emb_dim)
+    if "pos_embed" in mae_state:
+        cls_row, state["enc_image_type"] = _split_pos_table(mae_state["pos_embed"], config.emb_dim,
+                                                            config.grid_size, "pos_embed", notes)
+        if cls_row.any() and "cls_token" in state:  # mae adds this row to CLS; our CLS has no position
+            state["cls_token"] = state["cls_token"] + cls_row
+    if "decoder_pos_embed" in mae_state:
+        cls_row, state["dec_image_type"] = _split_pos_table(mae_state["decoder_pos_embed"], config.dec_emb_dim,
+                                                            config.grid_size, "decoder_pos_embed", notes)
+        if cls_row.abs().max() > 1e-6:
+            notes.append("WARNING: mae's decoder_pos_embed has a non-zero CLS row, which we cannot represent")
     model, missing = build_model(config, state, allow_missing=True, source_name=_mae_name)
     lacking = [n for n in missing if n not in _TEXT_PATH]
     if lacking:  # only the text path may be missing: an image-path parameter left at its init would be silent
         raise ConversionError(f"mae checkpoint lacks {len(lacking)} parameter(s), first {_mae_name(lacking[0])!r}")
-    if "pos_embed" in mae_state:  # not used, but a different table would mean a different position convention
-        from model import sincos_2d
-
-        err = (mae_state["pos_embed"][0, 1:].float() - sincos_2d(config.emb_dim, config.grid_size)).abs().max()
-        if err > 1e-4:
-            notes.append(f"WARNING: mae's pos_embed differs from our sin-cos table by {err:.2e}")
     return model, notes, missing
 
 
 # -----------------------------------------------------------------------------
-# ours -> official files
+# ours -> official, timm and mae files
+
+
+def read_ours(ckpt_path):
+    """Our checkpoint (train.py's or convert.py's) -> (checkpoint dict, M3AEConfig); ConversionError naming the
+    file if it is not one."""
+    from model import M3AEConfig
+
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        return ckpt, M3AEConfig(**ckpt["config"])
+    except Exception as e:
+        raise ConversionError(f"{ckpt_path}: not a checkpoint of ours ({type(e).__name__}: {_first_line(e)})") \
+            from None
 
 
 def write_official(ckpt_path, out_path):
     """Our checkpoint -> the official flat names. .npz: "/"-joined names plus a "config" string; .pkl: the
     training script's layout, {"step", "epoch", "variant", "state"} with state.params["params"] nested, where
     state is a types.SimpleNamespace (what official's load_checkpoint/linear_main read: state.params)."""
-    from model import M3AEConfig
-
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        config = M3AEConfig(**ckpt["config"])
-    except Exception as e:
-        raise ConversionError(f"{ckpt_path}: not a checkpoint of ours ({type(e).__name__}: {_first_line(e)})") \
-            from None
+    ckpt, config = read_ours(ckpt_path)
     flat = ours_to_official(ckpt["model"])
     official_cfg = {k: getattr(config, k) for k in ("emb_dim", "depth", "num_heads", "dec_emb_dim", "dec_depth",
                                                     "dec_num_heads", "mlp_ratio", "image_size", "patch_size",
@@ -694,14 +778,78 @@ def write_official(ckpt_path, out_path):
     return flat, config
 
 
+def _image_pos_table(dim, grid_size, type_embedding):
+    """timm/mae's position table (1, 1 + N, dim): a zero row for CLS, then our fixed sin-cos positions plus our
+    image type embedding. timm and mae have no type embeddings; ours is added to every patch before masking,
+    exactly as a position row is, so adding it into every patch row of the table is exact."""
+    from model import sincos_2d
+
+    table = sincos_2d(dim, grid_size) + type_embedding.detach().float().reshape(1, dim)
+    return torch.cat([table.new_zeros(1, dim), table])[None].contiguous()
+
+
+def _conv_patch_weight(weight, patch_size, in_chans):
+    """Our patch Linear weight (D, p*p*C), over patches flattened (row, col, channel) -> a Conv2d weight
+    (D, C, p, p), the inverse of what mae_to_state_dict does."""
+    return weight.detach().float().reshape(weight.size(0), patch_size, patch_size, in_chans) \
+        .permute(0, 3, 1, 2).contiguous()
+
+
+def ours_to_timm(state, config):
+    """Our encoder -> a state_dict for timm's VisionTransformer with a class token, global_pool="token" and no
+    head (num_classes=0): cls_token, pos_embed (the image type embedding folded in), patch_embed.proj (a conv),
+    blocks.i.* (timm's names already), norm. Our encode(images) CLS is timm's forward_features(x)[:, 0]."""
+    out = {"cls_token": state["cls_token"],
+           "pos_embed": _image_pos_table(config.emb_dim, config.grid_size, state["enc_image_type"]),
+           "patch_embed.proj.weight": _conv_patch_weight(state["patch_embed.weight"], config.patch_size,
+                                                         config.in_chans),
+           "patch_embed.proj.bias": state["patch_embed.bias"]}
+    for name, value in state.items():
+        if name.startswith(("encoder.blocks.", "encoder.norm.")):
+            out[name[len("encoder."):]] = value
+    return {name: value.detach().float().clone() for name, value in out.items()}
+
+
+def ours_to_mae(state, config):
+    """Our image path -> mae's MaskedAutoencoderViT state_dict: the encoder as in ours_to_timm, and the decoder
+    under mae's names (decoder_embed, mask_token, decoder_pos_embed with our decoder image type folded in the same
+    way, decoder_blocks.i.*, decoder_norm, decoder_pred). Returns (state_dict, our parameters left out: the text
+    path, which mae does not have)."""
+    out = ours_to_timm(state, config)
+    out["decoder_pos_embed"] = _image_pos_table(config.dec_emb_dim, config.grid_size, state["dec_image_type"])
+    done = {"cls_token", "patch_embed.weight", "patch_embed.bias", "enc_image_type", "dec_image_type"}
+    left_out = []
+    for name, value in state.items():
+        if name in done or name.startswith("encoder."):
+            continue
+        if name in _TEXT_PATH:
+            left_out.append(name)
+        else:
+            out[_mae_name(name)] = value.detach().float().clone()
+    return out, left_out
+
+
+def _export_notes(config):
+    """What the export changes, and how to build the matching timm/mae model."""
+    notes = ["our image type embedding is folded into pos_embed's patch rows (exact: both are added to every "
+             "patch); pos_embed holds our fixed sin-cos table with a zero CLS row, as mae's"]
+    if config.gelu != "none":
+        notes.append(f"this model uses GELU approximate={config.gelu!r} (the official weights); timm and mae default "
+                     f"to the exact erf GELU, which differs by ~1e-3 per layer: for identical outputs build the "
+                     f"model with act_layer=functools.partial(torch.nn.GELU, approximate={config.gelu!r})")
+    if config.ln_eps != 1e-6:
+        notes.append(f"LayerNorm eps is {config.ln_eps:g} here, 1e-6 in timm's ViT and mae")
+    return notes
+
+
 # -----------------------------------------------------------------------------
 # command line
 
 
-def _save(model, out_path, source):
+def _save(model, out_path, source, **extra):
     from model import checkpoint_dict
 
-    torch.save(checkpoint_dict(model, source=source), out_path)
+    torch.save(checkpoint_dict(model, source=source, **extra), out_path)
 
 
 def _print_config(config):
@@ -709,6 +857,24 @@ def _print_config(config):
           f"{config.dec_emb_dim}/{config.dec_depth}/{config.dec_num_heads}, mlp ratio {config.mlp_ratio:g}, "
           f"{config.image_size} px / patch {config.patch_size}, vocab {config.vocab_size}, text {config.text_len}, "
           f"gelu {config.gelu}")
+
+
+def _print_recorded(config, data, tok, tok_path):
+    if tok is not None:
+        print(f"recorded tokenizer: {tok.kind}, {tok.vocab_size} tokens, from {tok_path}")
+    mean, std = (", ".join(f"{v:g}" for v in data[k]) for k in ("mean", "std"))
+    print(f"recorded preprocessing: {data['source']}: mean ({mean}), std ({std}); images {config.image_size} px, "
+          f"captions {config.text_len} tokens")
+
+
+def _vit_name(config, mae=False):
+    """timm's / mae's model name for our encoder geometry, or None when none matches."""
+    names = {(384, 12, 6, 16): "vit_small_patch16", (768, 12, 12, 16): "vit_base_patch16",
+             (1024, 24, 16, 16): "vit_large_patch16", (1280, 32, 16, 14): "vit_huge_patch14"}
+    name = names.get((config.emb_dim, config.depth, config.num_heads, config.patch_size))
+    if name is None or (mae and name == "vit_small_patch16"):  # mae defines base, large and huge only
+        return None
+    return name if mae else f"{name}_224"
 
 
 def main(argv=None):
@@ -723,35 +889,94 @@ def main(argv=None):
         p.add_argument("--text-len", type=int, help="default: the file's own, else 64")
         p.add_argument("--num-heads", type=int, help="default: the presets' rule (head dim 64; 1280 -> 16)")
         p.add_argument("--dec-num-heads", type=int, help="default: 16 for a 512-wide decoder")
-        if name == "mae":
-            p.add_argument("--vocab-size", type=int, help="text vocabulary of the (initialised) text path")
-    p = sub.add_parser("to-official", help="ours -> official flat names (.npz, or .pkl for official scripts)")
-    p.add_argument("ckpt")
-    p.add_argument("out")
+        if name == "official":
+            p.add_argument("--tokenizer", help="bert-base-uncased's vocab.txt (30522 lines; or any WordPiece vocab.txt "
+                           "or sentencepiece model with as many tokens as the text embedding has rows): recorded "
+                           "in the checkpoint")
+        else:
+            p.add_argument("--tokenizer", help="a tokenizer (sentencepiece model or WordPiece vocab.txt) for the "
+                           "initialised text path: sets its vocabulary size, recorded in the checkpoint")
+            p.add_argument("--vocab-size", type=int, help="text vocabulary of the (initialised) text path (default: "
+                           "the --tokenizer's size, else 32000)")
+    for name, help_ in (("to-official", "ours -> official flat names (.npz, or .pkl for official scripts)"),
+                        ("to-timm", "our encoder -> a timm VisionTransformer state_dict (no head)"),
+                        ("to-mae", "our image path -> a facebookresearch/mae checkpoint {'model': ...}")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("ckpt")
+        p.add_argument("out")
     args = parser.parse_args(argv)
 
     try:
         if args.command == "official":
+            tok = read_tokenizer(args.tokenizer) if args.tokenizer else None  # a wrong file fails before the work
             model, notes, meta = convert_official(args.ckpt, args.image_size, args.text_len, args.num_heads,
                                                   args.dec_num_heads)
-            _print_config(model.config)
+            config = model.config
+            _print_config(config)
             for note in notes:
                 print(note)
+            extra = {"data": OFFICIAL_DATA}
+            if tok is not None:
+                check_vocab_size(tok, config.vocab_size, args.tokenizer,
+                                 hint=" (the official weights need bert-base-uncased's vocab.txt, 30522 lines)")
+                extra["tokenizer"] = tokenizer_entry(tok)
+            _print_recorded(config, OFFICIAL_DATA, tok, args.tokenizer)
+            if tok is None:
+                print("no tokenizer recorded: pass --tokenizer vocab.txt (bert-base-uncased's) to make the "
+                      "checkpoint self-contained")
             _save(model, args.out, {"format": "official", "path": os.path.abspath(args.ckpt),
-                                    "step": meta.get("step", -1)})
+                                    "step": meta.get("step", -1)}, **extra)
         elif args.command == "mae":
-            model, notes, missing = convert_mae(args.ckpt, args.image_size, args.vocab_size, args.text_len,
+            tok = read_tokenizer(args.tokenizer) if args.tokenizer else None
+            vocab_size = args.vocab_size
+            if tok is not None:
+                if vocab_size and vocab_size != tok.vocab_size:
+                    raise ConversionError(f"--vocab-size {vocab_size} disagrees with --tokenizer {args.tokenizer} "
+                                          f"({tok.vocab_size} tokens): give one of them")
+                vocab_size = tok.vocab_size
+            model, notes, missing = convert_mae(args.ckpt, args.image_size, vocab_size, args.text_len,
                                                 args.num_heads, args.dec_num_heads)
             _print_config(model.config)
             for note in notes:
                 print(note)
-            print("image/decoder type embeddings set to zero (mae has none): the image path is mae's exactly")
+            if not model.enc_image_type.any():
+                print("image/decoder type embeddings set to zero (mae has none): the image path is mae's exactly")
             print(f"not in the mae checkpoint, left initialised ({len(missing)}): {', '.join(missing)}")
-            _save(model, args.out, {"format": "mae", "path": os.path.abspath(args.ckpt)})
-        else:
+            extra = {"data": MAE_DATA}
+            if tok is not None:
+                extra["tokenizer"] = tokenizer_entry(tok)
+            _print_recorded(model.config, MAE_DATA, tok, args.tokenizer)
+            _save(model, args.out, {"format": "mae", "path": os.path.abspath(args.ckpt)}, **extra)
+        elif args.command == "to-official":
             flat, config = write_official(args.ckpt, args.out)
             _print_config(config)
             print(f"wrote {len(flat)} official parameters")
+        else:
+            ckpt, config = read_ours(args.ckpt)
+            _print_config(config)
+            for note in _export_notes(config):
+                print(note)
+            if args.command == "to-timm":
+                state = ours_to_timm(ckpt["model"], config)
+                torch.save(state, args.out)
+                name = _vit_name(config)
+                print(f"wrote {len(state)} timm tensors; load them with strict=True into "
+                      + (f'timm.create_model("{name}", img_size={config.image_size}, num_classes=0)' if name else
+                         f"timm's VisionTransformer(img_size={config.image_size}, patch_size={config.patch_size}, "
+                         f"embed_dim={config.emb_dim}, depth={config.depth}, num_heads={config.num_heads}, "
+                         f"mlp_ratio={config.mlp_ratio:g}, num_classes=0)"))
+            else:
+                state, left_out = ours_to_mae(ckpt["model"], config)
+                torch.save({"model": state}, args.out)
+                name = _vit_name(config, mae=True)
+                print(f"wrote {len(state)} mae tensors; left out (mae has no text path): {', '.join(left_out)}")
+                print("fine-tune with mae's main_finetune.py --finetune " + args.out
+                      + (f" --model {name}" if name else "") + f" --input_size {config.image_size} (add --cls_token to "
+                      "classify from CLS as our probe does; mae's default global pooling drops our final norm)")
+            data = ckpt.get("data")
+            if data:
+                mean, std = (", ".join(f"{v:g}" for v in data[k]) for k in ("mean", "std"))
+                print(f"normalise inputs as the checkpoint says: mean ({mean}), std ({std}) [{data['source']}]")
     except ConversionError as e:
         print(f"convert.py: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

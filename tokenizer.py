@@ -1,15 +1,21 @@
 """Tokenizers: caption text -> token ids (pad id 0, no special tokens), the convention model.py expects.
 
     Tokenizer      sentencepiece BPE trained on the run's own captions (what train.py makes by default)
+    WordPiece      BERT's uncased WordPiece read from a vocab.txt (bert-base-uncased's: what the official M3AE
+                   weights were trained with)
 
 Both kinds share one interface: encode(caption, text_len) -> (ids (T,) int64, padding mask (T,) bool, True = pad),
-decode(ids) -> str, pieces(ids) -> one readable string per id, vocab_size. get_tokenizer() loads or trains one.
+decode(ids) -> str, pieces(ids) -> one readable string per id, starts_word(ids) -> whether each id begins a word,
+vocab_size, kind ("sentencepiece" / "wordpiece") and to_bytes() (the whole tokenizer as bytes, what a checkpoint
+stores under "tokenizer": {"kind", "blob"}; tokenizer_from_bytes(kind, blob) rebuilds it). load_tokenizer(path)
+reads either kind from a file, telling them apart by content; get_tokenizer() loads one or trains sentencepiece.
 """
 
 import io
 import itertools
 import os
 import re
+import unicodedata
 
 import sentencepiece as spm
 import torch
@@ -25,16 +31,22 @@ class Tokenizer:
     unigram: on the built-in captions (few distinct words, very repetitive) unigram stops at ~180 pieces
     and spells common words letter by letter ("v i o le t"); BPE keeps them whole."""
 
+    kind = "sentencepiece"
+
     def __init__(self, model_file=None, model_proto=None):
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto) if model_proto else \
             spm.SentencePieceProcessor(model_file=model_file)
         self.vocab_size = self.sp.get_piece_size()
         if self.sp.pad_id() != PAD_ID:
-            raise ValueError(f"{model_file}: pad id is {self.sp.pad_id()}, expected {PAD_ID}")
+            raise ValueError(f"{model_file or 'sentencepiece model'}: pad id is {self.sp.pad_id()}, expected {PAD_ID}")
+
+    def to_bytes(self):
+        """The serialized model proto: Tokenizer(model_proto=...) and tokenizer_from_bytes read it back."""
+        return self.sp.serialized_model_proto()
 
     # DataLoader workers may be spawned: pickle the model bytes, not the C++ object.
     def __getstate__(self):
-        return {"proto": self.sp.serialized_model_proto()}
+        return {"proto": self.to_bytes()}
 
     def __setstate__(self, state):
         self.__init__(model_proto=state["proto"])
@@ -110,10 +122,252 @@ class Tokenizer:
             out.append(piece if special else (piece.replace("\u2581", "") or "\u2581"))
         return out
 
+    def starts_word(self, ids):
+        """One bool per id: True where the piece begins a word (it carries sentencepiece's word marker) or is
+        <pad>/<unk>, which stand as words of their own."""
+        ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
+        return [self.sp.id_to_piece(i).startswith("\u2581") or self.sp.is_control(i) or self.sp.is_unknown(i)
+                for i in map(int, ids)]
+
+
+# -----------------------------------------------------------------------------
+# BERT's uncased WordPiece
+#
+# What the official M3AE feeds its model: transformers.BertTokenizer("bert-base-uncased") (the Python one, not the
+# Rust "fast" one) called with add_special_tokens=False, padding to max_length 64 and truncation. Rewritten here
+# so that no new dependency is needed; every step below is one of its steps, in its order, and a comment says
+# where a detail is easy to get wrong. We follow transformers 4.x (the official code's era); 5.x changed two
+# corner cases (a final capital sigma, a special token broken by a zero-width character). Character classes come
+# from the running Python's unicodedata, as they do in BERT's own tokenizer. The Rust "fast" tokenizer differs
+# from the Python one on unassigned code points (it keeps them, as [UNK]; the Python one drops them).
+
+WORDPIECE_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # never split, never lower-cased
+WORDPIECE_MAX_WORD_CHARS = 100  # a longer word becomes [UNK] whole
+WORDPIECE_CONTINUATION = "##"  # prefix of a piece that continues a word
+
+
+def _is_whitespace(ch):
+    return ch in " \t\n\r" or unicodedata.category(ch) == "Zs"
+
+
+def _is_control(ch):
+    # Every "C" category (Cc controls, Cf format characters such as the zero-width space U+200B, zero-width
+    # joiner U+200D, soft hyphen U+00AD and BOM U+FEFF, Co private use, Cs surrogates, Cn unassigned) is
+    # removed: transformers' test is category.startswith("C"). Tab, newline and CR are whitespace instead.
+    return ch not in "\t\n\r" and unicodedata.category(ch).startswith("C")
+
+
+def _is_punctuation(ch):
+    # All ASCII that is neither a letter, a digit nor a space counts ($, ^, `, +, <, ...), then Unicode P*.
+    cp = ord(ch)
+    return 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126 or \
+        unicodedata.category(ch).startswith("P")
+
+
+def _is_cjk(cp):
+    # CJK Unified Ideographs and their extensions A-E, plus the compatibility ideographs: each becomes a word of
+    # its own. Hiragana, katakana and hangul are not in these blocks and stay ordinary letters.
+    return (0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2A6DF or 0x2A700 <= cp <= 0x2B73F
+            or 0x2B740 <= cp <= 0x2B81F or 0x2B820 <= cp <= 0x2CEAF or 0xF900 <= cp <= 0xFAFF
+            or 0x2F800 <= cp <= 0x2FA1F)
+
+
+def bert_basic_tokenize(text):
+    """BERT's basic tokenizer, uncased: text (no special tokens in it) -> words and punctuation marks."""
+    # transformers lower-cases the text one character at a time before the basic tokenizer runs (a regex that
+    # skips special tokens), so no context rule applies: a final capital sigma becomes σ, not ς.
+    text = "".join(ch.lower() for ch in text)
+    # clean: drop NUL, U+FFFD and controls; every whitespace character becomes a space
+    text = "".join(" " if _is_whitespace(ch) else ch for ch in text
+                   if ch not in "\x00\ufffd" and not _is_control(ch))
+    text = "".join(f" {ch} " if _is_cjk(ord(ch)) else ch for ch in text)
+    text = unicodedata.normalize("NFC", text)  # one code point per composed character before splitting
+    words = []
+    for token in text.split():
+        # strip accents: decompose, drop nonspacing marks (Mn); é -> e, and a lone combining mark vanishes
+        token = "".join(ch for ch in unicodedata.normalize("NFD", token.lower())
+                        if unicodedata.category(ch) != "Mn")
+        # every punctuation character is a word of its own
+        word = ""
+        for ch in token:
+            if _is_punctuation(ch):
+                if word:
+                    words.append(word)
+                words.append(ch)
+                word = ""
+            else:
+                word += ch
+        if word:
+            words.append(word)
+    return " ".join(words).split()  # as BERT: re-split, in case a step left whitespace inside a word
+
+
+class WordPiece:
+    """BERT's uncased WordPiece from a vocab.txt: one token per line, the id is the line number (from 0). The
+    vocabulary must put [PAD] on the first line (pad id 0, as model.py expects; bert-base-uncased does) and
+    contain [UNK] (bert-base-uncased: id 100). Like the official M3AE, no [CLS]/[SEP] is added.
+
+    Pipeline (bert-base-uncased's): split out literal special tokens ([PAD] [UNK] [CLS] [SEP] [MASK], exact
+    case) and keep them whole; the rest goes through the basic tokenizer (bert_basic_tokenize: lower-case, drop
+    control and zero-width characters, split CJK ideographs, strip accents, split punctuation) and then greedy
+    longest-match-first WordPiece per word: a word is covered by a first piece and '##' continuations, and is
+    [UNK] as a whole if it cannot be covered or is longer than 100 characters."""
+
+    kind = "wordpiece"
+
+    def __init__(self, vocab_file=None, vocab_bytes=None):
+        if vocab_bytes is None:
+            with open(vocab_file, "rb") as f:
+                vocab_bytes = f.read()
+        name = vocab_file or "WordPiece vocabulary"
+        self.tokens = _vocab_lines(vocab_bytes, name)
+        # a token listed twice keeps its last line, as BERT's vocabulary loader does
+        self.vocab = {token: i for i, token in enumerate(self.tokens)}
+        self.vocab_size = len(self.tokens)
+        if not self.tokens or self.tokens[0] != "[PAD]":
+            first = self.tokens[0] if self.tokens else ""
+            raise ValueError(f"{name}: first line is {first[:40]!r}, expected '[PAD]' (pad id {PAD_ID}): not a "
+                             "WordPiece vocab.txt like bert-base-uncased's")
+        if "[UNK]" not in self.vocab:
+            raise ValueError(f"{name}: no '[UNK]' line: a WordPiece vocab.txt needs one for unknown words")
+        self.unk_id = self.vocab["[UNK]"]
+        specials = [t for t in WORDPIECE_SPECIALS if t in self.vocab]
+        self._specials = re.compile("(" + "|".join(map(re.escape, specials)) + ")")
+
+    def to_bytes(self):
+        """The vocabulary as UTF-8 text, one token per line (what WordPiece(vocab_bytes=...) reads)."""
+        return ("\n".join(self.tokens) + "\n").encode("utf-8")
+
+    def __getstate__(self):
+        return {"vocab": self.to_bytes()}
+
+    def __setstate__(self, state):
+        self.__init__(vocab_bytes=state["vocab"])
+
+    def tokenize(self, caption):
+        """caption (str, bytes, None) -> the token strings, before truncation."""
+        out = []
+        # split() with a capturing group: special tokens land at the odd positions
+        for i, part in enumerate(self._specials.split(caption_text(caption))):
+            if i % 2:
+                out.append(part)
+            else:
+                for word in bert_basic_tokenize(part):
+                    out.extend(self._word_pieces(word))
+        return out
+
+    def _word_pieces(self, word):
+        if len(word) > WORDPIECE_MAX_WORD_CHARS:
+            return ["[UNK]"]
+        pieces, start = [], 0
+        while start < len(word):
+            for end in range(len(word), start, -1):  # longest match first
+                piece = word[start:end] if start == 0 else WORDPIECE_CONTINUATION + word[start:end]
+                if piece in self.vocab:
+                    break
+            else:
+                return ["[UNK]"]  # one uncovered stretch makes the whole word unknown
+            pieces.append(piece)
+            start = end
+        return pieces
+
+    def encode(self, caption, text_len):
+        """caption (str, bytes, None) -> ids (text_len,) int64 padded with PAD_ID or truncated, and the padding
+        mask (text_len,) bool, True = pad: the official pipeline's input_ids and 1 - attention_mask. None, ''
+        or text with nothing BERT keeps -> all padding. A literal '[PAD]' inside a caption is id 0 but not
+        padding, exactly as in the official pipeline."""
+        ids = [self.vocab[t] for t in self.tokenize(caption)[:text_len]]
+        out = torch.full((text_len,), PAD_ID, dtype=torch.int64)
+        out[: len(ids)] = torch.tensor(ids, dtype=torch.int64)
+        pad = torch.ones(text_len, dtype=torch.bool)
+        pad[: len(ids)] = False
+        return out, pad
+
+    def decode(self, ids):
+        """ids -> str, ignoring PAD_ID: pieces joined by spaces, '##' continuations glued to the piece before
+        (lower-cased and without accents: the text as the model saw it)."""
+        ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
+        text = " ".join(self.tokens[int(i)] for i in ids if int(i) != PAD_ID)
+        return text.replace(" " + WORDPIECE_CONTINUATION, "").strip()
+
+    def pieces(self, ids):
+        """One readable piece per id: the token without its '##' continuation marker ('[PAD]', '[UNK]' and
+        other specials as they are); starts_word() says which pieces continue a word."""
+        ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
+        out = []
+        for i in map(int, ids):
+            token = self.tokens[i]
+            continues = token.startswith(WORDPIECE_CONTINUATION) and len(token) > len(WORDPIECE_CONTINUATION)
+            out.append(token[len(WORDPIECE_CONTINUATION):] if continues else token)
+        return out
+
+    def starts_word(self, ids):
+        """One bool per id: False for a '##' continuation, True otherwise (specials stand as words of their own)."""
+        ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
+        return [not (self.tokens[i].startswith(WORDPIECE_CONTINUATION) and
+                     len(self.tokens[i]) > len(WORDPIECE_CONTINUATION)) for i in map(int, ids)]
+
+
+def _vocab_lines(blob, name):
+    """vocab.txt bytes -> its lines, read as BERT's loader reads them: UTF-8, universal newlines ('\n', '\r\n'
+    or '\r' end a line), a final newline optional."""
+    try:
+        text = blob.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{name}: not UTF-8 text (byte {e.start}): not a WordPiece vocab.txt") from None
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return lines[:-1] if lines[-1] == "" else lines
+
+
+# -----------------------------------------------------------------------------
+# either kind, from a file or from bytes
+
+TOKENIZER_KINDS = ("sentencepiece", "wordpiece")
+
+
+def tokenizer_kind(blob):
+    """'sentencepiece' for bytes that parse as a sentencepiece model proto, 'wordpiece' for UTF-8 text without
+    NUL bytes (a vocab.txt), None for anything else. Goes by content: the file name does not matter."""
+    try:
+        # (empty bytes load as an empty processor without complaint: a model has pieces)
+        if blob and spm.SentencePieceProcessor(model_proto=blob).get_piece_size() > 0:
+            return "sentencepiece"
+    except Exception:  # sentencepiece raises RuntimeError or OSError, depending on how the parse fails
+        pass
+    try:
+        blob.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return "wordpiece" if blob and b"\x00" not in blob else None
+
+
+def tokenizer_from_bytes(kind, blob):
+    """Rebuild a tokenizer from (kind, to_bytes()), e.g. a checkpoint's "tokenizer" entry."""
+    if kind == "sentencepiece":
+        return Tokenizer(model_proto=bytes(blob))
+    if kind == "wordpiece":
+        return WordPiece(vocab_bytes=bytes(blob))
+    raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {', '.join(TOKENIZER_KINDS)}")
+
+
+def load_tokenizer(path):
+    """A tokenizer file of either kind: a sentencepiece .model or a WordPiece vocab.txt, told apart by content.
+    ValueError naming the path when it is unreadable or neither."""
+    try:
+        with open(path, "rb") as f:
+            blob = f.read()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read tokenizer ({e.strerror})") from None
+    kind = tokenizer_kind(blob)
+    if kind is None:
+        raise ValueError(f"{path}: neither a sentencepiece model nor a WordPiece vocab.txt (UTF-8 text, one token "
+                         "per line, [PAD] first)")
+    return Tokenizer(model_file=path) if kind == "sentencepiece" else WordPiece(vocab_file=path)
+
 
 def get_tokenizer(model_file, captions, vocab_size):
-    """Load model_file if it exists, else train on captions() (a callable returning an iterable, so that the
-    corpus is only read when needed) and save it there."""
+    """Load model_file if it exists (either kind, see load_tokenizer), else train sentencepiece on captions() (a
+    callable returning an iterable, so that the corpus is only read when needed) and save it there."""
     if os.path.exists(model_file):
-        return Tokenizer(model_file)
+        return load_tokenizer(model_file)
     return Tokenizer.train(captions(), model_file, vocab_size)

@@ -1,5 +1,6 @@
 """convert.py: official <-> ours name mapping, the official pickle/npz readers (and their refusal to run code),
-mae -> ours, error messages, and the command line."""
+mae -> ours, error messages, the command line, the tokenizer and preprocessing a checkpoint records, and the
+exports to timm and mae."""
 
 import argparse
 import collections
@@ -18,8 +19,9 @@ import torch.nn.functional as F
 import convert
 from convert import (ConversionError, SafeUnpickler, StandIn, build_model, config_from_official, convert_mae,
                      convert_official, official_name_to_ours, official_to_state_dict, our_name_to_official,
-                     ours_to_official, safe_load_pickle)
-from model import M3AE, load_model, sincos_2d
+                     ours_to_mae, ours_to_official, safe_load_pickle)
+from model import M3AE, checkpoint_dict, load_model, sincos_2d
+from tokenizer import WordPiece, tokenizer_from_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "official_m3ae_tiny.npz")
@@ -249,8 +251,10 @@ def synthetic_mae_state(D=32, depth=2, p=4, img=16, Dd=16, dec_depth=2, C=3, see
     return sd
 
 
-def mae_encoder_by_hand(sd, images, num_heads, p):
-    """mae's encoder with no masking, in plain torch ops on the original tensors."""
+def mae_encoder_by_hand(sd, images, num_heads, p, gelu="none"):
+    """mae's encoder with no masking (also timm's VisionTransformer forward_features: same names, same
+    computation), in plain torch ops on the original tensors. gelu "none" is timm's exact erf GELU; "tanh" the
+    approximation the official weights were trained with (timm's act_layer=partial(nn.GELU, approximate='tanh'))."""
 
     def ln(x, prefix):
         return F.layer_norm(x, x.shape[-1:], sd[prefix + ".weight"], sd[prefix + ".bias"], eps=1e-6)
@@ -271,7 +275,10 @@ def mae_encoder_by_hand(sd, images, num_heads, p):
         a = ((q @ k.transpose(-2, -1)) / math.sqrt(D // num_heads)).softmax(-1) @ v
         x = x + linear(a.transpose(1, 2).reshape(B, T, D), b + "attn.proj")
         h = linear(ln(x, b + "norm2"), b + "mlp.fc1")
-        h = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))  # exact GELU, as timm's nn.GELU
+        if gelu == "tanh":
+            h = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3)))
+        else:
+            h = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))  # exact GELU, as timm's nn.GELU
         x = x + linear(h, b + "mlp.fc2")
         i += 1
     return ln(x, "norm")
@@ -310,8 +317,10 @@ def test_cli_mae_checkpoint_with_argparse_namespace(tmp_path, capsys):
     assert convert.main(["mae", str(path), str(out), "--num-heads", "4", "--dec-num-heads", "2",
                          "--vocab-size", "50"]) == 0
     printed = capsys.readouterr().out
-    assert "text_embed.weight" in printed and "zero" in printed
-    model, _ = load_model(str(out))
+    assert "text_embed.weight" in printed and "zero" in printed and "ImageNet" in printed
+    model, ckpt = load_model(str(out))
+    assert ckpt["data"]["mean"] == [0.485, 0.456, 0.406] and ckpt["data"]["std"] == [0.229, 0.224, 0.225]
+    assert "tokenizer" not in ckpt
     assert torch.equal(model.encoder.blocks[1].attn.qkv.weight, sd["blocks.1.attn.qkv.weight"])
     w = sd["patch_embed.proj.weight"]  # conv (D, C, p, p) -> Linear over (row, col, channel)
     assert torch.equal(model.patch_embed.weight, w.permute(0, 2, 3, 1).reshape(w.size(0), -1))
@@ -394,3 +403,161 @@ def test_to_official_round_trip(tmp_path):
         model, _, _ = convert_official(str(tmp_path / name))
         a, b = model.state_dict(), load_model(ours)[0].state_dict()
         assert model.config == load_model(ours)[0].config and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -----------------------------------------------------------------------------
+# what a converted checkpoint records: tokenizer and preprocessing
+
+
+def write_vocab(path, n):
+    """A WordPiece vocab.txt of n lines: [PAD], [UNK], then made-up words and continuations."""
+    lines = ["[PAD]", "[UNK]"] + [f"w{i}" if i % 2 else f"##w{i}" for i in range(2, n)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path), lines
+
+
+def test_cli_official_records_wordpiece_and_official_preprocessing(tmp_path, capsys):
+    vocab, lines = write_vocab(tmp_path / "vocab.txt", 100)  # the fixture's text embedding has 100 rows
+    out = str(tmp_path / "ours.pt")
+    assert convert.main(["official", FIXTURE, out, "--tokenizer", vocab]) == 0
+    printed = capsys.readouterr().out
+    assert "recorded tokenizer: wordpiece, 100 tokens" in printed and "0.5762, 0.5503, 0.5213" in printed
+    ckpt = torch.load(out, map_location="cpu", weights_only=True)  # bytes and plain lists only
+    assert ckpt["data"] == {"mean": [0.5762, 0.5503, 0.5213], "std": [0.3207, 0.3169, 0.3307],
+                            "source": ckpt["data"]["source"]} and "CC12M" in ckpt["data"]["source"]
+    assert (ckpt["config"]["image_size"], ckpt["config"]["text_len"]) == (32, 16)  # the file's own geometry
+    tok = tokenizer_from_bytes(ckpt["tokenizer"]["kind"], ckpt["tokenizer"]["blob"])
+    assert isinstance(tok, WordPiece) and tok.tokens == lines
+    # w5w4 = w5 ##w4; w5w7 has no ##w7 to finish it: [UNK]
+    assert tok.encode("w3 W5w4 w5w7", 6)[0].tolist() == [3, 5, 4, 1, 0, 0]
+    # the weights are still the fixture's
+    model, _ = load_model(out)
+    with torch.no_grad():
+        cls, tokens = model.encode(fixture_images())
+    expected = torch.from_numpy(np.load(FIXTURE)["representation_image_only"])
+    assert (torch.cat([cls[:, None], tokens], 1) - expected).abs().max() <= 1e-5
+    # without --tokenizer: the preprocessing is recorded all the same, and the missing tokenizer is pointed out
+    assert convert.main(["official", FIXTURE, out]) == 0
+    assert "--tokenizer" in capsys.readouterr().out
+    ckpt = torch.load(out, map_location="cpu", weights_only=True)
+    assert "tokenizer" not in ckpt and ckpt["data"]["mean"] == [0.5762, 0.5503, 0.5213]
+
+
+@pytest.mark.parametrize("lines", [99, 101, "junk"])
+def test_cli_official_refuses_a_tokenizer_that_does_not_fit(tmp_path, capsys, lines):
+    if lines == "junk":
+        vocab = str(tmp_path / "vocab.txt")
+        (tmp_path / "vocab.txt").write_bytes(bytes(range(256)) * 8)  # neither kind
+    else:
+        vocab, _ = write_vocab(tmp_path / "vocab.txt", lines)
+    out = tmp_path / "ours.pt"
+    assert convert.main(["official", FIXTURE, str(out), "--tokenizer", vocab]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("convert.py: error: --tokenizer ") and vocab in err[0]
+    assert ("100 rows" in err[0]) if lines != "junk" else ("neither" in err[0])
+    assert not out.exists()
+
+
+def test_cli_mae_tokenizer_sets_the_text_vocabulary(tmp_path, capsys):
+    path, out = tmp_path / "mae.pth", tmp_path / "ours.pt"
+    torch.save({"model": synthetic_mae_state()}, path)
+    vocab, lines = write_vocab(tmp_path / "vocab.txt", 37)
+    assert convert.main(["mae", str(path), str(out), "--num-heads", "4", "--dec-num-heads", "2",
+                         "--tokenizer", vocab]) == 0
+    model, ckpt = load_model(str(out))
+    assert model.config.vocab_size == 37 and ckpt["tokenizer"]["kind"] == "wordpiece"
+    assert convert.main(["mae", str(path), str(out), "--num-heads", "4", "--dec-num-heads", "2",
+                         "--tokenizer", vocab, "--vocab-size", "50"]) == 2
+    assert "--vocab-size 50" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# exports: ours -> timm, ours -> mae
+
+
+def timm_vit_names(depth):
+    """The state_dict names of timm's VisionTransformer with a class token and no head (num_classes=0)."""
+    names = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias"}
+    for i in range(depth):
+        for part in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"):
+            names |= {f"blocks.{i}.{part}.weight", f"blocks.{i}.{part}.bias"}
+    return names
+
+
+def test_to_timm_reproduces_our_encoder(tmp_path):
+    """The official fixture's weights (tanh GELU, LayerNorms and type embeddings away from their init) exported to
+    timm's names, then run by the hand-written timm forward: the same features as model.encode(images)."""
+    ours = str(tmp_path / "ours.pt")
+    assert convert.main(["official", FIXTURE, ours]) == 0
+    model, _ = load_model(ours)
+    assert model.enc_image_type.abs().max() > 1e-3  # so that forgetting to fold it in would show
+    out = str(tmp_path / "vit.pth")
+    assert convert.main(["to-timm", ours, out]) == 0
+    sd = torch.load(out, map_location="cpu", weights_only=True)
+    assert set(sd) == timm_vit_names(model.config.depth)
+    D, grid = model.config.emb_dim, model.config.grid_size
+    assert sd["pos_embed"].shape == (1, 1 + grid * grid, D) and torch.all(sd["pos_embed"][0, 0] == 0)
+    assert sd["patch_embed.proj.weight"].shape == (D, 3, model.config.patch_size, model.config.patch_size)
+    images = fixture_images()
+    with torch.no_grad():
+        cls, tokens = model.encode(images)
+        theirs = mae_encoder_by_hand(sd, images, model.config.num_heads, model.config.patch_size, gelu="tanh")
+    assert (torch.cat([cls[:, None], tokens], 1) - theirs).abs().max() <= 1e-5
+
+
+def test_mae_ours_mae_round_trip_is_bit_identical(tmp_path):
+    sd = synthetic_mae_state()
+    grid, D, Dd = 16 // 4, 32, 16
+    # mae's fixed tables as our sin-cos function computes them, so that exact equality is a fair demand
+    sd["pos_embed"] = torch.cat([torch.zeros(1, D), sincos_2d(D, grid)])[None]
+    sd["decoder_pos_embed"] = torch.cat([torch.zeros(1, Dd), sincos_2d(Dd, grid)])[None]
+    model, _, _ = convert_mae(sd, num_heads=4, dec_num_heads=2)
+    back, left_out = ours_to_mae(model.state_dict(), model.config)
+    assert set(back) == set(sd) and set(left_out) == convert._TEXT_PATH
+    for name, value in sd.items():
+        assert torch.equal(back[name], value), name
+    # through the files: to-mae writes mae's checkpoint layout
+    ours, out = str(tmp_path / "ours.pt"), str(tmp_path / "mae.pth")
+    torch.save(checkpoint_dict(model), ours)
+    assert convert.main(["to-mae", ours, out]) == 0
+    written = torch.load(out, map_location="cpu", weights_only=True)
+    assert set(written) == {"model"} and all(torch.equal(written["model"][k], v) for k, v in sd.items())
+    # mae's own numpy-made tables: equal to rounding
+    sd = synthetic_mae_state()
+    model, _, _ = convert_mae(sd, num_heads=4, dec_num_heads=2)
+    back, _ = ours_to_mae(model.state_dict(), model.config)
+    for name, value in sd.items():
+        assert (back[name] - value).abs().max() <= (1e-6 if "pos_embed" in name else 0), name
+
+
+def test_ours_mae_ours_keeps_the_type_embeddings(tmp_path):
+    """An M3AE exported to mae and read back: the type embeddings folded into mae's position tables come back."""
+    ours = str(tmp_path / "ours.pt")
+    assert convert.main(["official", FIXTURE, ours]) == 0
+    model, _ = load_model(ours)
+    sd, _ = ours_to_mae(model.state_dict(), model.config)
+    back, notes, _ = convert_mae(sd, num_heads=4, dec_num_heads=4, vocab_size=100, text_len=16)
+    assert any("taken back" in n for n in notes)
+    a, b = model.state_dict(), back.state_dict()
+    for name in a:
+        if name in ("enc_image_type", "dec_image_type"):
+            assert (a[name] - b[name]).abs().max() <= 1e-6, name
+        elif name not in convert._TEXT_PATH:
+            assert torch.equal(a[name], b[name]), name
+
+
+def test_mae_position_tables_with_a_cls_row_or_a_constant_still_compute_mae(tmp_path):
+    """A mae table whose CLS row is not zero (mae adds it to CLS) and whose patch rows carry a constant (what to-mae
+    writes): the converted model still computes mae's encoder exactly."""
+    sd = synthetic_mae_state()
+    g = torch.Generator().manual_seed(3)
+    sd["pos_embed"] = sd["pos_embed"].clone()
+    sd["pos_embed"][0, 0] = torch.randn(32, generator=g) * 0.1
+    sd["pos_embed"][0, 1:] += torch.randn(32, generator=g) * 0.1
+    model, notes, _ = convert_mae(sd, num_heads=4, dec_num_heads=2)
+    assert any("taken back" in n for n in notes)
+    images = torch.randn(2, 3, 16, 16, generator=g)
+    with torch.no_grad():
+        cls, tok = model.encode(images)
+        expected = mae_encoder_by_hand(sd, images, num_heads=4, p=4)
+    assert (torch.cat([cls[:, None], tok], 1) - expected).abs().max() < 1e-5

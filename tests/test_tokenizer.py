@@ -1,4 +1,5 @@
-"""tokenizer.py: round trips, padding and truncation, unknown text, determinism, training and its fallbacks."""
+"""tokenizer.py: sentencepiece (round trips, padding and truncation, unknown text, determinism, training and its
+fallbacks), BERT WordPiece (cases worked by hand), either kind from a file or from bytes."""
 
 import os
 import pickle
@@ -8,7 +9,7 @@ import torch
 
 import builtin
 import data
-from tokenizer import Tokenizer, get_tokenizer
+from tokenizer import Tokenizer, WordPiece, get_tokenizer, load_tokenizer, tokenizer_from_bytes
 
 TEXT_LEN = 16
 
@@ -78,3 +79,113 @@ def test_get_tokenizer_trains_once_and_falls_back_on_small_corpora(tmp_path, cap
     assert small.vocab_size > 10 and "characters" in capsys.readouterr().out  # retried with enough pieces
     with pytest.raises(ValueError):
         Tokenizer.train(["", "  "], str(tmp_path / "e.model"), vocab_size=10)
+
+
+# -----------------------------------------------------------------------------
+# WordPiece (BERT uncased) on a vocabulary made here; every expected id below is worked out by hand
+
+WP_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",  # 0-4
+            "a", "dog", "cat", "cafe", "play",  # 5-9
+            "##ing", "##s", ",", "!", ".",  # 10-14
+            "\u72d7", "4", "##2", "##nd", "##a",  # 15-19: 狗 (a CJK ideograph), digits
+            "[", "]", "mask", "$", "\u03bf\u03b4\u03bf\u03c3",  # 20-24: οδοσ (no final sigma)
+            "\u03bf\u03b4\u03bf\u03c2", "the"]  # 25-26: οδος (final sigma)
+
+
+@pytest.fixture(scope="module")
+def wp(tmp_path_factory):
+    path = tmp_path_factory.mktemp("wp") / "vocab.txt"
+    path.write_text("\n".join(WP_VOCAB) + "\n", encoding="utf-8")
+    return WordPiece(str(path))
+
+
+@pytest.mark.parametrize("caption,expected", [
+    ("Caf\u00e9", [8]),  # lower-cased, accent stripped (NFD, drop Mn)
+    ("Cafe\u0301", [8]),  # an already decomposed accent too
+    ("dog,cat!", [6, 12, 7, 13]),  # every punctuation mark is a word
+    ("$dog", [23, 6]),  # ASCII symbols count as punctuation although Unicode calls $ a currency sign
+    ("zebra dog", [1, 6]),  # nothing covers "z": [UNK]
+    ("dogz", [1]),  # "dog" + an uncovered rest: the whole word is [UNK], not "dog [UNK]"
+    ("\u72d7dog", [15, 6]),  # a CJK ideograph is split off as its own word
+    ("dog\U0001F642", [1]),  # an emoji is not punctuation: it stays inside the word, which then is [UNK]
+    ("do\u200bg", [6]),  # zero-width space (Cf) is removed, not turned into a space
+    ("\ufeffd\x00o\u00adg\x07", [6]),  # BOM, NUL, soft hyphen, BEL: all removed
+    ("do\ue000g\u0378", [6]),  # private use (Co) and unassigned (Cn) too: every "C" category is control
+    ("dog\tcat\ncat\u3000dog", [6, 7, 7, 6]),  # tab, newline and ideographic space are whitespace
+    ("DoG CaT", [6, 7]),  # mixed case
+    ("42nd", [16, 17, 18]),  # digits are ordinary characters: 4 ##2 ##nd
+    ("4.2", [16, 14, 1]),  # ... but the point splits them, and "2" alone is not in this vocabulary
+    ("playing dogs", [9, 10, 6, 11]),  # ## continuations, longest match first
+    ("a [MASK] dog", [5, 4, 6]),  # a special token written in the caption stays whole
+    ("[mask]", [20, 22, 21]),  # but only in its exact case: lower case is plain text
+    ("\u039f\u0394\u039f\u03a3", [24]),  # ΟΔΟΣ: lower-cased letter by letter, so σ, not the final ς
+])
+def test_wordpiece_cases_worked_by_hand(wp, caption, expected):
+    ids, pad = wp.encode(caption, 8)
+    assert ids[: len(expected)].tolist() == expected and not pad[: len(expected)].any()
+    assert pad[len(expected):].all() and (ids[len(expected):] == data.PAD_ID).all()
+
+
+def test_wordpiece_long_words_truncation_padding(wp):
+    assert wp.tokenize("a" * 100) == ["a"] + ["##a"] * 99  # 100 characters: still split
+    assert wp.tokenize("a" * 101) == ["[UNK]"]  # longer than 100: unknown whole, without trying
+    ids, pad = wp.encode("dog cat dog cat dog", 3)
+    assert ids.tolist() == [6, 7, 6] and not pad.any()  # truncated
+    ids, pad = wp.encode("dog [PAD] cat", 5)  # the official pipeline: a literal [PAD] is id 0 but not padding
+    assert ids.tolist() == [6, 0, 7, 0, 0] and pad.tolist() == [False, False, False, True, True]
+    for empty in (None, "", "   ", b"", "\u200b\x00 \ufffd"):
+        ids, pad = wp.encode(empty, 6)
+        assert ids.shape == pad.shape == (6,) and ids.dtype == torch.int64 and pad.dtype == torch.bool
+        assert (ids == data.PAD_ID).all() and pad.all()
+    assert wp.encode(b"dog \xff cat", 4)[0].tolist() == [6, 7, 0, 0]  # invalid UTF-8 -> U+FFFD -> dropped
+
+
+def test_wordpiece_decode_pieces_and_word_starts(wp):
+    ids, _ = wp.encode("Playing dogs, a cat!", 10)
+    assert wp.decode(ids) == "playing dogs , a cat !"  # as the model saw it: lower case, spaced punctuation
+    n = 8
+    assert wp.pieces(ids[:n]) == ["play", "ing", "dog", "s", ",", "a", "cat", "!"]
+    assert wp.starts_word(ids[:n]) == [True, False, True, False, True, True, True, True]
+    assert wp.pieces([0, 1]) == ["[PAD]", "[UNK]"] and wp.starts_word([0, 1]) == [True, True]
+    assert wp.vocab_size == len(WP_VOCAB) and wp.kind == "wordpiece" and wp.unk_id == 1
+
+
+def test_wordpiece_vocab_file_rules(tmp_path):
+    crlf = tmp_path / "crlf.txt"
+    crlf.write_bytes("\r\n".join(WP_VOCAB).encode("utf-8"))  # CRLF, no final newline: the same vocabulary
+    assert WordPiece(str(crlf)).tokens == WP_VOCAB
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a\n[PAD]\n[UNK]\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="bad.txt.*expected '\\[PAD\\]'"):
+        WordPiece(str(bad))
+    bad.write_text("[PAD]\na\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="bad.txt.*\\[UNK\\]"):
+        WordPiece(str(bad))
+
+
+def test_load_tokenizer_goes_by_content_not_name(tok, wp, tmp_path):
+    # each kind under the other's file name
+    (tmp_path / "vocab.txt").write_bytes(tok.to_bytes())
+    (tmp_path / "tokenizer.model").write_bytes(wp.to_bytes())
+    sp, bert = load_tokenizer(str(tmp_path / "vocab.txt")), load_tokenizer(str(tmp_path / "tokenizer.model"))
+    assert isinstance(sp, Tokenizer) and sp.kind == "sentencepiece" and sp.vocab_size == tok.vocab_size
+    assert isinstance(bert, WordPiece) and bert.tokens == WP_VOCAB
+    (tmp_path / "junk.bin").write_bytes(bytes(range(256)) * 4)
+    for name in ("junk.bin", "missing.model"):
+        with pytest.raises(ValueError, match=name):
+            load_tokenizer(str(tmp_path / name))
+    # get_tokenizer loads an existing file of either kind and trains nothing
+    corpus = lambda: pytest.fail("must not train")  # noqa: E731
+    assert isinstance(get_tokenizer(str(tmp_path / "tokenizer.model"), corpus, 100), WordPiece)
+
+
+def test_tokenizer_from_bytes_and_pickle_round_trip(tok, wp):
+    for t in (tok, wp):
+        again = tokenizer_from_bytes(t.kind, t.to_bytes())
+        assert type(again) is type(t) and again.to_bytes() == t.to_bytes()
+        clone = pickle.loads(pickle.dumps(t))
+        for caption in ("a blue ring", "Playing dogs!"):
+            assert torch.equal(again.encode(caption, 8)[0], t.encode(caption, 8)[0])
+            assert torch.equal(clone.encode(caption, 8)[0], t.encode(caption, 8)[0])
+    with pytest.raises(ValueError, match="unknown tokenizer kind"):
+        tokenizer_from_bytes("bpe", b"")
