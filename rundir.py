@@ -24,7 +24,7 @@ import torch
 
 CKPT, PREV, CONFIG, LOG, TOKENIZER, LOCK = "ckpt.pt", "ckpt_prev.pt", "config.json", "log.jsonl", "tokenizer.model", \
     ".lock"
-RUN_FILES = (CKPT, PREV, CONFIG, LOG, TOKENIZER, "probe.json")
+RUN_FILES = (CKPT, PREV, CONFIG, LOG, TOKENIZER, "vocab.txt", "probe.json")
 
 # Flags that a resume may not change: the model and its loss, the tokenizer, the data and the order it is read in.
 RESUME_FIXED = ("preset", "image_size", "patch_size", "text_len", "image_mask_ratio", "text_mask_ratio", "image_weight",
@@ -34,7 +34,7 @@ RESUME_FIXED = ("preset", "image_size", "patch_size", "text_len", "image_mask_ra
                 "batch_size")
 # Flags that belong to one invocation, never taken from the run's record.
 PER_INVOCATION = ("resume", "overwrite", "out_dir", "stop_after", "bench", "bench_steps", "device", "workers",
-                  "compile", "dtype", "attn")
+                  "compile", "dtype", "attn", "given", "resume_notes", "init_from")
 
 
 class RunDirError(Exception):

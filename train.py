@@ -39,10 +39,10 @@ from tqdm import tqdm
 import builtin
 import data
 import probe
-from model import M3AE, PRESETS, checkpoint_dict, make_config
+from model import M3AE, PRESETS, M3AEConfig, checkpoint_dict, make_config
 import rundir
 from tokenizer import MAX_TOKENIZER_CAPTIONS, get_tokenizer
-from util import SeededSamples, lr_at, make_parser, masking_noise, mix_seed
+from util import SeededSamples, checkpoint_tokenizer, lr_at, make_parser, masking_noise, mix_seed
 
 # -----------------------------------------------------------------------------
 # arguments
@@ -93,6 +93,8 @@ def build_parser():
     a("--data-seed", type=int, default=0, help="built-in data: which procedural dataset (kept fixed across --seed)")
     a("--data-level", default="easy", choices=list(builtin.LEVELS), help="built-in data: difficulty")
     a("--train-size", type=int, default=20000, help="built-in data: pretraining pairs")
+    a("--init-from", help="start from these weights (a checkpoint of train.py or convert.py, e.g. the official "
+      "release converted): its architecture and, unless --tokenizer is given, its tokenizer and normalisation")
     a("--tokenizer", help="a tokenizer file to use: sentencepiece .model or BERT vocab.txt (default: "
       "OUT_DIR/tokenizer.model, trained on the run's captions)")
     a("--vocab-size", type=int, default=1024, help="vocabulary when training a tokenizer")
@@ -215,7 +217,13 @@ def check_args(p, args):
     if args.data != "wds" and args.epoch_samples:
         p.error("argument --epoch-samples: only with --wds-shards (other sources have a length)")
     # paths, before any work
-    for flag, path, kind in (("csv", args.csv, "file"), ("text-file", args.text_file, "file"),
+    if args.init_from:
+        clash = [f for f in ("preset", "image_size", "patch_size", "text_len") if f in args.given]
+        if clash:
+            p.error(f"argument --{clash[0].replace('_', '-')}: the architecture comes from --init-from")
+        if args.resume:
+            p.error("argument --init-from: a resumed run continues from its own checkpoint; drop --init-from")
+    for flag, path, kind in (("init-from", args.init_from, "file"), ("csv", args.csv, "file"), ("text-file", args.text_file, "file"),
                              ("tokenizer", args.tokenizer, "file"), ("image-dir", args.image_dir, "folder")):
         if path and not (os.path.isfile(path) if kind == "file" else os.path.isdir(path)):
             bad(flag, path, f"is not a {kind}")
@@ -245,14 +253,33 @@ def check_args(p, args):
         p.error(f"argument --image-size: {c.image_size} is not a multiple of the patch size {c.patch_size}")
 
 
-def model_config(args, vocab_size):
+def model_config(args, vocab_size, init_config=None):
+    """The preset with the flags' geometry, or with --init-from the initial checkpoint's architecture; the masking
+    and loss flags apply to both."""
     overrides = dict(image_mask_ratio=args.image_mask_ratio, text_mask_ratio=args.text_mask_ratio,
                      image_loss_weight=args.image_weight, text_loss_weight=args.text_weight,
                      norm_pix_loss=args.norm_pix, attn_impl=args.attn, vocab_size=vocab_size)
+    if init_config is not None:
+        return M3AEConfig(**{**init_config, **overrides})
     for name in ("image_size", "patch_size", "text_len"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     return make_config(args.preset, **overrides)
+
+
+def load_init(args):
+    """--init-from: the checkpoint to start from (e.g. the official weights through convert.py), and the tokenizer
+    it brings (--tokenizer wins), written into OUT_DIR so that a --resume finds it. Returns the checkpoint."""
+    try:
+        init = torch.load(args.init_from, map_location="cpu", weights_only=True)
+        tok = checkpoint_tokenizer(init, args.init_from, args.tokenizer)  # refuses one larger than the model's
+        if not args.tokenizer:
+            args.tokenizer = os.path.join(args.out_dir, rundir.TOKENIZER if tok.kind == "sentencepiece" else "vocab.txt")
+            with open(args.tokenizer, "wb") as f:
+                f.write(tok.to_bytes())
+    except Exception as e:
+        build_parser().error(f"argument --init-from: {args.init_from}: {str(e).splitlines()[0] if str(e) else e!r}")
+    return init
 
 
 # -----------------------------------------------------------------------------
@@ -410,7 +437,7 @@ def run_args(args):
 # data (data.py does the work; this picks the sources)
 
 
-def build_data(args, image_size, text_len):
+def build_data(args, image_size, text_len, norm=None):
     """Returns (tokenizer, pretraining dataset, (probe train, probe test) or None, (mean, std)). The pretraining
     dataset is map-style (built-in, CSV, plus text-file / image-dir extras: exact resume) or a stream (webdataset
     shards). A source that cannot be read ends the run here with one line naming it."""
@@ -426,6 +453,8 @@ def build_data(args, image_size, text_len):
             mean, std = data.CC12M_MEAN, data.CC12M_STD
         extras = ([data.TextLines(args.text_file)] if args.text_file else []) + (
             [data.ImageOnlyFolder(args.image_dir)] if args.image_dir else [])
+        if norm is not None:  # --init-from: the normalisation the initial weights were trained with
+            mean, std = norm
     except ValueError as e:
         sys.exit(f"train.py: error: {e}")
 
@@ -541,16 +570,21 @@ def main(argv=None):
     lock = claim_out_dir(args) if env.master else None
     if env.ddp and not env.master:
         dist.barrier()  # rank 0 trains (or loads) the tokenizer first; the others then load its file
-    geometry = model_config(args, vocab_size=1)  # image size and text length before the tokenizer exists
-    tokenizer, dataset, probe_sets, norm = build_data(args, geometry.image_size, geometry.text_len)
+    init = load_init(args) if args.init_from else None
+    init_config = init["config"] if init else None
+    geometry = model_config(args, 1, init_config)  # image size and text length before the tokenizer exists
+    tokenizer, dataset, probe_sets, norm = build_data(args, geometry.image_size, geometry.text_len, init and (
+        (tuple(init["data"]["mean"]), tuple(init["data"]["std"])) if "data" in init else None))
     if env.ddp and env.master:
         dist.barrier()
     fingerprint = run_fingerprint(args)
 
     # --- model and optimizer; the initial weights depend on --seed alone (the same on every rank) ---
-    config = model_config(args, tokenizer.vocab_size)
+    config = model_config(args, init_config["vocab_size"] if init else tokenizer.vocab_size, init_config)
     torch.manual_seed(args.seed)
     model = M3AE(config).to(env.device)
+    if init:
+        model.load_state_dict(init["model"])
     if args.no_text:  # the MAE baseline never uses the text path: freeze it (DDP then expects no gradient)
         for name, p in model.named_parameters():
             if name.startswith(("text_", "enc_text", "dec_text")):
@@ -593,7 +627,8 @@ def main(argv=None):
                          find_unused_parameters=args.paired_share < 1 or bool(args.text_file or args.image_dir))
 
     # --- the loop; what a checkpoint carries besides weights and progress: how to read data for this encoder ---
-    extra = dict(fingerprint=fingerprint, data={"mean": list(norm[0]), "std": list(norm[1]), "source": args.data})
+    extra = dict(fingerprint=fingerprint, data={"mean": list(norm[0]), "std": list(norm[1]), "source": args.data},
+                 tokenizer={"kind": tokenizer.kind, "blob": tokenizer.to_bytes()})
     finished = loop(step_model, model, optimizer, dataset, progress, max_lr, env, args, config, micro_batch,
                     per_rank, extra)
 

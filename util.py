@@ -18,6 +18,7 @@ import torch
 
 import builtin
 import data
+from tokenizer import load_tokenizer, tokenizer_from_bytes
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 NORMS = {"builtin": (builtin.BUILTIN_MEAN, builtin.BUILTIN_STD), "cc12m": (data.CC12M_MEAN, data.CC12M_STD),
@@ -132,3 +133,31 @@ def pretraining_info(ckpt):
     keys = ("steps", "seed", "no_text", "text_mask_ratio", "image_mask_ratio", "paired_share", "data", "data_seed",
             "data_level")
     return {k: a[k] for k in keys if k in a}
+
+
+def checkpoint_tokenizer(ckpt, ckpt_path=None, override=None):
+    """The tokenizer of a checkpoint: `override` (a --tokenizer file of either kind) if given, else the one the
+    checkpoint carries (train.py and convert.py --tokenizer record it), else the file its run was told to use,
+    else tokenizer.model next to it. Raises ValueError (one line, the places tried) when there is none, or when
+    its vocabulary is larger than the model's text embedding."""
+    vocab = ckpt.get("config", {}).get("vocab_size")
+    tried = []
+    if override:
+        tok = load_tokenizer(override)
+    elif "tokenizer" in ckpt:
+        tok = tokenizer_from_bytes(ckpt["tokenizer"]["kind"], ckpt["tokenizer"]["blob"])
+    else:
+        tok = None
+        tried = [ckpt.get("args", {}).get("tokenizer"),
+                 os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), "tokenizer.model") if ckpt_path else None]
+        for path in filter(None, tried):
+            if os.path.exists(path):
+                tok = load_tokenizer(path)
+                break
+        if tok is None:
+            raise ValueError(f"no tokenizer: the checkpoint carries none and none was found (tried "
+                             f"{[t for t in tried if t]}); pass --tokenizer (a sentencepiece .model or a vocab.txt)")
+    if vocab is not None and tok.vocab_size > vocab:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} ids, the model's text embedding only {vocab}: not this "
+                         "checkpoint's tokenizer")
+    return tok

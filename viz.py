@@ -39,8 +39,8 @@ from PIL import Image, ImageDraw, ImageFont
 import builtin
 import data
 from model import image_loss, load_model, patchify, unpatchify
-from tokenizer import Tokenizer
-from util import NORMS, checkpoint_data_level, checkpoint_data_seed, checkpoint_norm, make_parser, masking_noise
+from util import (NORMS, checkpoint_data_level, checkpoint_data_seed, checkpoint_norm, checkpoint_tokenizer, make_parser,
+                  masking_noise)
 MODES = ("recon", "caption", "attention")  # "all" runs the three; "attention" writes two files
 
 # Default word for the word-attention map: the first word that names a shape in the built-in vocabulary (the
@@ -58,8 +58,8 @@ def get_args(argv=None):
     p = make_parser(__doc__, prog="viz.py")
     a = p.add_argument
     a("--ckpt", required=True, help="checkpoint from train.py or convert.py (a dict with 'model' and 'config')")
-    a("--tokenizer", help="sentencepiece .model (default: the run's --tokenizer, else tokenizer.model next to "
-      "the checkpoint)")
+    a("--tokenizer", help="a sentencepiece .model or BERT vocab.txt (default: the one the checkpoint carries, else "
+      "the run's --tokenizer, else tokenizer.model next to the checkpoint)")
     a("--mode", default="all", choices=[*MODES, "all"], help="which figures: recon, caption (the caption's "
       "effect), attention (word -> patches and patch -> words), or all")
     a("--out-dir", help="where the PNGs go (default: viz/ next to the checkpoint)")
@@ -104,20 +104,6 @@ def get_args(argv=None):
 
 # -----------------------------------------------------------------------------
 # model, tokenizer, data
-
-
-def load_tokenizer(args, ckpt, config):
-    """The run's tokenizer: --tokenizer, else the one train.py was told to use, else OUT_DIR/tokenizer.model."""
-    candidates = [args.tokenizer, ckpt.get("args", {}).get("tokenizer"),
-                  os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "tokenizer.model")]
-    for path in filter(None, candidates):
-        if os.path.exists(path):
-            tokenizer = Tokenizer(path)
-            if tokenizer.vocab_size > config.vocab_size:
-                raise SystemExit(f"{path} has {tokenizer.vocab_size} pieces, the model only {config.vocab_size}: "
-                                 "not this checkpoint's tokenizer")
-            return tokenizer
-    raise SystemExit(f"no tokenizer found (tried {[c for c in candidates if c]}); pass --tokenizer")
 
 
 def load_samples(args, ckpt, image_size):
@@ -224,18 +210,15 @@ def text_accuracy(text, pad, text_mask, text_pred):
 
 
 def piece(tokenizer, i):
-    """(text, starts_word) of one id, for display: the piece without sentencepiece's word marker ('' for a
-    piece that is only the marker: all it says is that a word starts), '<pad>' or '<unk>' for the specials
-    (each shown as a word of its own)."""
-    i = int(i)
-    raw, shown = tokenizer.sp.id_to_piece(i), tokenizer.pieces([i])[0]
-    special = tokenizer.sp.is_control(i) or tokenizer.sp.is_unknown(i)
-    return ("" if shown == "\u2581" else shown), raw.startswith("\u2581") or special
+    """(text, starts_word) of one id, for display, from the tokenizer's pieces() and starts_word() (either kind):
+    '' for a sentencepiece piece that is only the word marker (all it says is that a word starts)."""
+    shown, starts = tokenizer.pieces([int(i)])[0], tokenizer.starts_word([int(i)])[0]
+    return ("" if shown == "\u2581" else shown), starts
 
 
 def caption_words(tokenizer, ids, pad):
     """The caption's words as a list of (text, slots): slots are the text positions of the word's pieces. A
-    piece that opens with sentencepiece's word marker starts a new word; padding is skipped."""
+    piece that starts a word (tokenizer.starts_word) opens a new one; padding is skipped."""
     words = []
     for slot, (i, is_pad) in enumerate(zip(ids.tolist(), pad.tolist())):
         if is_pad:
@@ -766,7 +749,10 @@ def main(argv=None):
     model, ckpt = load_model(args.ckpt)
     model = model.to(args.device).eval()
     c = model.config
-    tokenizer = load_tokenizer(args, ckpt, c)
+    try:
+        tokenizer = checkpoint_tokenizer(ckpt, args.ckpt, args.tokenizer)
+    except ValueError as e:
+        raise SystemExit(f"viz.py: error: {e}") from None
     samples, source = load_samples(args, ckpt, c.image_size)
     mean, std = NORMS[args.norm] if args.norm != "auto" else checkpoint_norm(ckpt)
     batch = make_batch(samples, tokenizer, c.text_len, data.EvalTransform(c.image_size, mean, std, args.crop_pct))

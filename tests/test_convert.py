@@ -561,3 +561,38 @@ def test_mae_position_tables_with_a_cls_row_or_a_constant_still_compute_mae(tmp_
         cls, tok = model.encode(images)
         expected = mae_encoder_by_hand(sd, images, num_heads=4, p=4)
     assert (torch.cat([cls[:, None], tok], 1) - expected).abs().max() < 1e-5
+
+
+def test_converted_official_checkpoint_runs_through_every_script(tmp_path, capsys):
+    """The released weights' path end to end on the fixture: convert with a WordPiece vocab, then probe.py, ood.py
+    and viz.py (every mode, the text path included) with no tokenizer or normalisation flag, and train.py
+    continuing pretraining from it with that vocabulary."""
+    import ood
+    import probe
+    import train
+    import viz
+
+    vocab, _ = write_vocab(tmp_path / "vocab.txt", 100)
+    ckpt = str(tmp_path / "official.pt")
+    assert convert.main(["official", FIXTURE, ckpt, "--tokenizer", vocab]) == 0
+    small = ["--train-size", "40", "--test-size", "20", "--epochs", "2", "--batch-size", "16"]
+    r = probe.main(["--ckpt", ckpt, *small])
+    assert r["train_size"] == 40 and 0 <= r["top1"] <= 100
+    r = ood.main(["--ckpt", ckpt, *small, "--ood-size", "20"])
+    assert all(0 <= s["auroc"] <= 100 for s in r["scores"].values())
+    written = viz.main(["--ckpt", ckpt, "--samples", "2", "--out-dir", str(tmp_path / "viz")])
+    assert set(written) == {"recon", "caption", "attention_word", "attention_patch"}
+    assert all(os.path.getsize(p) > 1000 for p in written.values())
+    # continue pretraining from the converted weights: its architecture, its vocabulary, its normalisation
+    out = tmp_path / "cont"
+    train.main(["--init-from", ckpt, "--out-dir", str(out), "--steps", "2", "--batch-size", "8", "--train-size",
+                "16", "--workers", "0", "--no-probe", "--warmup-steps", "1"])
+    cont = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert cont["config"]["emb_dim"] == 64 and cont["config"]["vocab_size"] == 100
+    assert cont["tokenizer"]["kind"] == "wordpiece" and (out / "vocab.txt").exists()
+    assert cont["data"]["mean"] == [0.5762, 0.5503, 0.5213]
+    before = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
+    assert not torch.equal(cont["model"]["patch_embed.weight"], before["patch_embed.weight"])  # it trained
+    assert (cont["model"]["patch_embed.weight"] - before["patch_embed.weight"]).abs().max() < 0.1  # from there
+    with pytest.raises(SystemExit):  # the architecture comes from --init-from
+        train.main(["--init-from", ckpt, "--out-dir", str(tmp_path / "x"), "--preset", "base"])
