@@ -174,6 +174,24 @@ def test_exif_orientation_with_draft_and_reduce(fmt):
         assert small.size == smalls[1].size and mean_abs_diff(small, smalls[1]) < 1, o  # turned after, not before
 
 
+def exif_bytes(tags):
+    exif = Image.Exif()
+    exif.update(tags)
+    return exif.tobytes()
+
+
+@pytest.mark.parametrize("exif", [b"Exif\x00\x00garbage", b"Exif\x00\x00II*\x00\x08\x00\x00\x00\xff\xff",
+                                  exif_bytes({0x0112: 9})])  # damaged blocks; an orientation that does not exist
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")  # PIL says so on open; the pixels are fine
+def test_exif_damaged_or_invalid_is_ignored(exif):
+    buf = io.BytesIO()
+    photo = data.load_image(FIXTURES / "chelsea.jpg")
+    photo.save(buf, "JPEG", exif=exif)
+    notes = []
+    im = data.load_image(buf.getvalue(), notes=notes)
+    assert notes == [] and im.size == photo.size and mean_abs_diff(im, photo) < 4  # as stored
+
+
 def test_real_photos_through_both_transforms():
     """Every committed real photo (RGB and greyscale JPEGs, three EXIF-rotated) decodes and transforms."""
     pretrain = data.PretrainTransform(64, data.CC12M_MEAN, data.CC12M_STD)
