@@ -12,10 +12,14 @@ Bad input never raises out of a dataset. A sample that cannot be used comes back
 key naming the reason (plus zero placeholders of the right shapes, so that a batch of nothing but skips
 still has 0-row tensors); `collate` drops it and counts it. Reasons: missing, unreadable, empty_file,
 corrupt (truncated, undecodable, not an image), too_large (decompression bomb), empty_caption (a text-only
-sample with nothing to read). Inputs that can be repaired are converted and counted as "converted:<what>":
-cmyk, greyscale, high_bit_depth, palette, alpha (composited on white), other_mode, non_utf8 (caption bytes
-decoded with U+FFFD replacement), empty_caption (a pair whose caption is empty becomes image-only).
-The whole table, each row with its test: docs/data.md.
+sample with nothing to read), missing_shard / corrupt_shard (a shard gone or damaged while reading).
+Inputs that can be repaired are converted and counted as "converted:<what>": cmyk, greyscale,
+high_bit_depth, palette, alpha (composited on white), other_mode, exif_rotated (turned or mirrored upright
+by its EXIF Orientation), non_utf8 (caption bytes decoded with U+FFFD replacement), long_caption (cut to
+MAX_CAPTION_CHARS characters), empty_caption (a pair whose caption is empty becomes image-only).
+A source that cannot be used at all (no such file or folder, nothing in it, no such column, a shard
+pattern that matches no file, member keys that match nothing) raises ValueError when it is built: one
+line naming the file and what was expected. The whole table, each row with its test: docs/data.md.
 
 Sources (map-style: dict(image=path | bytes | PIL, caption=str | bytes | None[, label])):
   CsvPairs, ImageFolder, ImageOnlyFolder, TextLines (and builtin.Builtin, the procedural demo set); and a
@@ -26,6 +30,7 @@ PairedDataset / LabelledDataset turn a source into model-ready samples.
 import csv
 import glob
 import io
+import itertools
 import json
 import math
 import os
@@ -37,12 +42,16 @@ import warnings
 import zlib
 from collections import Counter
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 
 PAD_ID, UNK_ID = 0, 1
+# Longest caption kept, in characters; longer ones are cut and counted ("converted:long_caption"). Far more
+# than any text_len of tokens needs, and it bounds the tokenizer's work per caption.
+MAX_CAPTION_CHARS = 4096
 # Official (m3ae_public) CC12M statistics, for real web data.
 CC12M_MEAN, CC12M_STD = (0.5762, 0.5503, 0.5213), (0.3207, 0.3169, 0.3307)
 # Largest image decoded (pixels); PIL's own bomb limit (Image.MAX_IMAGE_PIXELS) also applies.
@@ -56,19 +65,26 @@ PAIRED, IMAGE_ONLY, TEXT_ONLY = 0, 1, 2  # sample roles (paired_share_roles)
 
 
 def caption_text(caption, notes=None):
-    """A caption as str. bytes are decoded as UTF-8; invalid bytes become U+FFFD and "non_utf8" is appended
-    to `notes` (a list) when given. None -> ""."""
+    """A caption as str of at most MAX_CAPTION_CHARS characters. bytes are decoded as UTF-8; invalid bytes
+    become U+FFFD ("non_utf8"); a longer caption keeps its first MAX_CAPTION_CHARS characters
+    ("long_caption"); the conversions are appended to `notes` (a list) when given. None -> ""."""
     if caption is None:
         return ""
     if isinstance(caption, (bytes, bytearray, memoryview)):
         raw = bytes(caption)
         try:
-            return raw.decode("utf-8")
+            text = raw.decode("utf-8")
         except UnicodeDecodeError:
             if notes is not None:
                 notes.append("non_utf8")
-            return raw.decode("utf-8", errors="replace")
-    return str(caption)
+            text = raw.decode("utf-8", errors="replace")
+    else:
+        text = str(caption)
+    if len(text) > MAX_CAPTION_CHARS:
+        if notes is not None:
+            notes.append("long_caption")
+        text = text[:MAX_CAPTION_CHARS]
+    return text
 
 
 # -----------------------------------------------------------------------------
@@ -91,20 +107,44 @@ def load_image(src, size=None, max_pixels=MAX_PIXELS, notes=None):
     side is >= 4 x size is then box-reduced (Image.reduce) to >= 2 x size: a 1600x1200 photo for a 64 px
     crop is decoded at 200x150, not 1.9M pixels. Non-RGB modes are converted (CMYK; greyscale L/1; 16-bit
     I;16/I and float F scaled to 8 bits, not clipped; palette P with or without transparency; alpha
-    RGBA/LA/PA composited on white) and the conversion is appended to `notes` (a list) when given.
-    Skips: missing, unreadable, empty_file, too_large (more than max_pixels, or PIL's decompression-bomb
-    limit, checked from the header before decoding), corrupt (truncated or undecodable).
+    RGBA/LA/PA composited on white), an EXIF Orientation other than 1 is applied (as
+    PIL.ImageOps.exif_transpose does: "exif_rotated"), and each conversion is appended to `notes` (a list)
+    when given. Skips: missing, unreadable, empty_file, too_large (more than max_pixels, or PIL's
+    decompression-bomb limit, checked from the header before decoding), corrupt (truncated or undecodable).
     """
     if isinstance(src, Image.Image):
         im = src
     else:
         im = _decode(src, size, max_pixels)
+    upright = _upright(im)  # read now: conversions below may drop the EXIF block
     im = _to_rgb(im, notes)
     if size:
+        # draft (above) and reduce work on the stored pixels. Both aim at the shorter side (draft at a square
+        # box), which turning the image does not change, so the turn comes last, on the fewest pixels.
         factor = min(im.size) // (2 * size)
         if factor >= 2:
             im = im.reduce(factor)
+    if upright is not None:
+        im = im.transpose(upright)
+        if notes is not None:
+            notes.append("exif_rotated")
     return im
+
+
+_EXIF_ORIENTATION = 0x0112
+# EXIF Orientation -> the transpose that shows the stored pixels upright (PIL.ImageOps.exif_transpose's table;
+# 2, 4, 5 and 7 mirror as well). 1 is upright already; other values are invalid and ignored.
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+
+
+def _upright(im):
+    """The transpose that turns im upright by its EXIF Orientation, or None."""
+    try:
+        return _UPRIGHT.get(int(im.getexif().get(_EXIF_ORIENTATION, 1)))
+    except Exception:  # a damaged EXIF block (PIL raises several types): the pixels are fine, keep them as stored
+        return None
 
 
 def _decode(src, size, max_pixels):
@@ -245,6 +285,7 @@ class EvalTransform:
 
 
 def _image_files(root):
+    """Every image under root, recursively, sorted (hidden files and folders left out)."""
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -255,41 +296,60 @@ def _image_files(root):
 
 class CsvPairs(torch.utils.data.Dataset):
     """A CSV/TSV with a header: an image path column and a caption column. Delimiter by extension (.tsv,
-    .tab: tab, no quoting; .csv: comma) or sniffed. Columns default to the first of filepath/image/
-    image_path/path/file/filename and caption/text/title present. Relative paths are relative to the CSV's
-    folder. Captions with invalid UTF-8 are kept as bytes, so PairedDataset can count them."""
+    .tab: tab, no quoting; .csv: comma) or sniffed. Columns are named by image_column / caption_column
+    (open_clip's --csv-img-key / --csv-caption-key, matched case-insensitively), else the first of
+    filepath/image/image_path/path/file/filename and caption/text/title present. Relative paths are relative
+    to the CSV's folder. Fields of any length are read (captions are cut later, by caption_text). Captions
+    with invalid UTF-8 are kept as bytes, so PairedDataset can count them. A missing or empty file, a header
+    with no rows, or a column it cannot find: ValueError naming the file (and the header it saw)."""
 
     IMAGE_COLUMNS = ("filepath", "image", "image_path", "path", "file", "filename")
     CAPTION_COLUMNS = ("caption", "text", "title")
+    FIELD_LIMIT = 2**31 - 1  # the csv module's own limit is 131072 characters; C long is 32-bit on Windows
 
     def __init__(self, path, image_column=None, caption_column=None, delimiter=None):
         self.root = os.path.dirname(os.path.abspath(path))
         ext = os.path.splitext(path)[1].lower()
-        # surrogateescape keeps undecodable bytes, to be found again per caption
-        with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
-            if delimiter is None:
-                delimiter = {".tsv": "\t", ".tab": "\t", ".csv": ","}.get(ext)
-            if delimiter is None:
-                try:
-                    delimiter = csv.Sniffer().sniff(f.read(65536), delimiters=",\t;|").delimiter
-                except csv.Error:
-                    delimiter = ","
-                f.seek(0)
-            quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-            reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
-            header = [h.strip() for h in next(reader, [])]
-            rows = list(reader)
+        limit = csv.field_size_limit(self.FIELD_LIMIT)  # process-wide: set for this read only
+        try:
+            # surrogateescape keeps undecodable bytes, to be found again per caption
+            with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+                if delimiter is None:
+                    delimiter = {".tsv": "\t", ".tab": "\t", ".csv": ","}.get(ext)
+                if delimiter is None:
+                    try:
+                        delimiter = csv.Sniffer().sniff(f.read(65536), delimiters=",\t;|").delimiter
+                    except csv.Error:
+                        delimiter = ","
+                    f.seek(0)
+                quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+                reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
+                header = [h.strip() for h in next(reader, [])]
+                rows = [r for r in reader if r]  # blank lines are no rows
+        except FileNotFoundError:
+            raise ValueError(f"{path}: no such file") from None
+        except csv.Error as e:  # e.g. a NUL byte
+            raise ValueError(f"{path}: not a readable CSV/TSV ({e})") from None
+        except OSError as e:  # a folder, no permission
+            raise ValueError(f"{path}: cannot read it ({e.strerror or e})") from None
+        finally:
+            csv.field_size_limit(limit)
+        if not any(header):
+            raise ValueError(f"{path}: empty file; expected a header row naming an image and a caption column")
         lower = [h.lower() for h in header]
 
         def column(name, candidates, what):
             for c in ([name] if name else candidates):
                 if c.lower() in lower:
                     return lower.index(c.lower())
-            raise ValueError(f"{path}: no {what} column (looked for {name or candidates}; header is {header})")
+            looked = f"named {name!r}" if name else f"called any of {', '.join(candidates)}"
+            raise ValueError(f"{path}: no {what} column {looked}; the header is {delimiter.join(header)!r}")
 
         i = column(image_column, self.IMAGE_COLUMNS, "image")
         j = column(caption_column, self.CAPTION_COLUMNS, "caption")
-        self.rows = [(r[i] if len(r) > i else "", r[j] if len(r) > j else "") for r in rows if r]
+        if not rows:
+            raise ValueError(f"{path}: a header and no rows")
+        self.rows = [(r[i] if len(r) > i else "", r[j] if len(r) > j else "") for r in rows]
 
     def __len__(self):
         return len(self.rows)
@@ -312,12 +372,26 @@ class CsvPairs(torch.utils.data.Dataset):
             yield self._caption(caption)
 
 
+def _require_folder(root):
+    if not os.path.exists(root):
+        raise ValueError(f"{root}: no such folder")
+    if not os.path.isdir(root):
+        raise ValueError(f"{root}: not a folder")
+
+
 class ImageFolder(torch.utils.data.Dataset):
-    """root/<class>/**/*.jpg -> dict(image=path, label); classes are the sorted folder names."""
+    """root/<class>/**/*.jpg -> dict(image=path, label); classes are the sorted folder names. A missing
+    folder, one without class sub-folders, or no image in any of them: ValueError naming the folder."""
 
     def __init__(self, root):
+        _require_folder(root)
         self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+        if not self.classes:
+            raise ValueError(f"{root}: no class sub-folders (ImageFolder reads root/<class>/**/*.jpg)")
         self.samples = [(p, k) for k, c in enumerate(self.classes) for p in _image_files(os.path.join(root, c))]
+        if not self.samples:
+            raise ValueError(f"{root}: no images in its class sub-folders {', '.join(self.classes)} "
+                             f"(extensions {' '.join(IMAGE_EXTENSIONS)})")
 
     def __len__(self):
         return len(self.samples)
@@ -328,10 +402,14 @@ class ImageFolder(torch.utils.data.Dataset):
 
 
 class ImageOnlyFolder(torch.utils.data.Dataset):
-    """Every image under root (recursive, sorted) -> dict(image=path, caption=None): unpaired images."""
+    """Every image under root (recursive, sorted) -> dict(image=path, caption=None): unpaired images. A
+    missing folder or one with no image at any depth: ValueError naming the folder."""
 
     def __init__(self, root):
+        _require_folder(root)
         self.files = _image_files(root)
+        if not self.files:
+            raise ValueError(f"{root}: no images at any depth (extensions {' '.join(IMAGE_EXTENSIONS)})")
 
     def __len__(self):
         return len(self.files)
@@ -345,11 +423,19 @@ class ImageOnlyFolder(torch.utils.data.Dataset):
 
 class TextLines(torch.utils.data.Dataset):
     """One caption per line (blank lines dropped) -> dict(image=None, caption=bytes): unpaired text. Lines
-    are kept as bytes so that invalid UTF-8 is counted when decoded (PairedDataset)."""
+    are kept as bytes so that invalid UTF-8 is counted when decoded (PairedDataset). A missing file or one
+    without a non-blank line: ValueError naming the file."""
 
     def __init__(self, path):
-        with open(path, "rb") as f:
-            self.lines = [line.rstrip(b"\r") for line in f.read().split(b"\n") if line.strip()]
+        try:
+            with open(path, "rb") as f:
+                self.lines = [line.rstrip(b"\r") for line in f.read().split(b"\n") if line.strip()]
+        except FileNotFoundError:
+            raise ValueError(f"{path}: no such file") from None
+        except OSError as e:  # a folder, no permission
+            raise ValueError(f"{path}: cannot read it ({e.strerror or e})") from None
+        if not self.lines:
+            raise ValueError(f"{path}: no captions (every line is blank)")
 
     def __len__(self):
         return len(self.lines)
@@ -469,9 +555,24 @@ class LabelledDataset(torch.utils.data.Dataset):
 
 def expand_shards(spec):
     """'dir/{00000..00009}.tar' (zero-padded ranges, also {a,b}), comma lists, globs, or a list of those ->
-    list of paths, in order."""
+    list of paths, in order. Every shard must be a file when this is called: a glob that matches nothing, or
+    listed paths that are not files, raise ValueError naming them. (A shard that goes missing later, while
+    it is read, is counted as a missing_shard skip.)"""
+    paths = _expand(spec)
+    if not paths:
+        raise ValueError(f"no shards in {spec!r}")
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        named = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise ValueError(f"{len(missing)} of the {len(paths)} shards in {spec!r} are not files: {named}")
+    return paths
+
+
+def _expand(spec):
+    """expand_shards without the checks on files, except that a glob must match something."""
     if isinstance(spec, (list, tuple)):
-        return [p for s in spec for p in expand_shards(s)]
+        return [p for s in spec for p in _expand(s)]
+    spec = spec.strip()
     parts, depth, start = [], 0, 0
     for k, ch in enumerate(spec):  # split on commas outside braces
         depth += (ch == "{") - (ch == "}")
@@ -480,7 +581,9 @@ def expand_shards(spec):
             start = k + 1
     parts.append(spec[start:])
     if len(parts) > 1:
-        return [p for s in parts if s.strip() for p in expand_shards(s.strip())]
+        return [p for s in parts for p in _expand(s)]
+    if not spec:
+        return []
     m = re.search(r"\{([^{}]*)\}", spec)
     if m:
         head, tail, body = spec[: m.start()], spec[m.end() :], m.group(1)
@@ -490,10 +593,38 @@ def expand_shards(spec):
             items = [str(n).zfill(len(a)) for n in range(int(a), int(b) + 1)]
         else:
             items = body.split(",")
-        return [p for item in items for p in expand_shards(head + item + tail)]
+        return [p for item in items for p in _expand(head + item + tail)]
     if any(c in spec for c in "*?["):
-        return sorted(glob.glob(spec))
+        matches = sorted(glob.glob(spec))
+        if not matches:
+            raise ValueError(f"no file matches the shard pattern {spec!r}")
+        return matches
     return [spec]
+
+
+class ShardPlan(NamedTuple):
+    """shard_plan's answer. slots[rank * workers + worker]: the shards that slot opens, in order. shardless:
+    how many slots have no shard of their own (0 when there are at least as many shards as slots)."""
+
+    slots: list
+    shardless: int
+
+
+def shard_plan(shards, world=1, workers=1, seed=0, epoch=0):
+    """Which shards (a list of paths) each slot of WebDatasetShards opens in `epoch`, for `world` DDP ranks x
+    `workers` DataLoader workers per rank (0 workers, loading in the main process, is one slot per rank).
+
+    The shard order is reshuffled per (seed, epoch). With at least as many shards as slots, slot s opens
+    order[s::slots]: each shard is read by one slot. With fewer, `shardless` slots would get none, so every
+    slot opens every shard and decodes only the samples whose running index is its own (index % slots):
+    each sample is still yielded once per pass, but every shard is read once per slot. A caller can lower
+    the workers to len(shards) // world, or refuse."""
+    order = list(shards)
+    random.Random(f"{seed}/{epoch}").shuffle(order)
+    slots = world * max(workers, 1)
+    if len(order) >= slots:
+        return ShardPlan([order[s::slots] for s in range(slots)], 0)
+    return ShardPlan([list(order) for _ in range(slots)], slots - len(order))
 
 
 _SHARD_ERROR = "/error"  # marks a missing or damaged shard; no member's extension can contain "/"
@@ -502,35 +633,51 @@ _SHARD_ERROR = "/error"  # marks a missing or damaged shard; no member's extensi
 class WebDatasetShards(torch.utils.data.IterableDataset):
     """Stream pretraining samples from .tar shards, read sequentially with the standard library's tarfile.
 
-    Members are grouped by key (folder + file name before the first dot): jpg/jpeg/png/webp is the image, txt
-    the caption (else json's "caption"). Each (DDP rank, DataLoader worker) slot reads its own shards
-    (shard order reshuffled per epoch with set_epoch); with fewer shards than slots, every slot walks all
-    shards but decodes only samples whose running index is its own (index % slots), so each sample is
-    yielded exactly once per epoch either way. A shuffle buffer of raw (undecoded) samples mixes within a
+    Members are grouped by key (folder + file name before the first dot; the rest, lower-cased, is the
+    member's extension: "000001.jpg" is sample "000001", member "jpg"). The image is the first of image_keys
+    present; the caption the first of caption_keys present, where a key ending in "json" stands for that
+    JSON's "caption" field (the defaults read img2dataset shards: jpg/jpeg/png/webp, txt, else json). Keys
+    that match no member of the first samples raise ValueError naming the members seen, since a misnamed
+    key would otherwise skip, or strip the caption from, every sample.
+
+    Each (DDP rank, DataLoader worker) slot reads the shards shard_plan gives it, in an order reshuffled per
+    epoch: set_epoch stores the epoch in shared memory, so workers kept alive across epochs
+    (persistent_workers=True) read the new one when their next pass starts. Each sample is yielded exactly
+    once per pass, whatever the number of shards. A shuffle buffer of raw (undecoded) samples mixes within a
     slot. paired_share < 1 gives each key a fixed role (paired / image-only / text-only) from a hash.
     Needs tokenizer, text_len and transform to yield samples; captions() works without them.
     """
 
     def __init__(self, shards, tokenizer=None, text_len=64, transform=None, paired_share=1.0, seed=0, rank=None,
-                 world=None, shuffle_buffer=500, max_pixels=MAX_PIXELS):
+                 world=None, shuffle_buffer=500, max_pixels=MAX_PIXELS, image_keys=("jpg", "jpeg", "png", "webp"),
+                 caption_keys=("txt", "json")):
         self.shards = expand_shards(shards)
-        if not self.shards:
-            raise ValueError(f"no shards match {shards!r}")
         self.tokenizer, self.text_len, self.transform = tokenizer, text_len, transform
         self.paired_share, self.seed = paired_share, seed
         self.shuffle_buffer, self.max_pixels = shuffle_buffer, max_pixels
+        self.image_keys = _member_keys(image_keys, "image_keys")
+        self.caption_keys = _member_keys(caption_keys, "caption_keys")
         initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.rank = rank if rank is not None else (torch.distributed.get_rank() if initialised else 0)
         self.world = world if world is not None else (torch.distributed.get_world_size() if initialised else 1)
-        self.epoch = 0
+        # shared memory: DataLoader workers (forked or spawned) see set_epoch's value, not a copy of it
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._check_keys()
 
     def set_epoch(self, epoch):
-        self.epoch = epoch
+        """Call before each pass over a DataLoader of this dataset (before iter(loader)): every worker reads
+        the epoch once, when its pass starts."""
+        self._epoch.fill_(epoch)
+
+    @property
+    def epoch(self):
+        return int(self._epoch)
 
     def _slot(self):
+        """(this process's slot, DataLoader workers per rank)."""
         info = torch.utils.data.get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        return self.rank * workers + worker, self.world * workers
+        return self.rank * workers + worker, workers
 
     def _groups(self, path, wanted):
         """Yield (key, {ext: bytes}) per sample of one shard, in order; a sample's members are read only if
@@ -565,17 +712,17 @@ class WebDatasetShards(torch.utils.data.IterableDataset):
         if key is not None:
             yield key, members
 
-    def _raw(self):
+    def _raw(self, epoch):
         """This slot's raw samples of the epoch, in shard order: (key, members)."""
-        slot, slots = self._slot()
-        order = list(self.shards)
-        random.Random(f"{self.seed}/{self.epoch}").shuffle(order)
-        if len(order) >= slots:
-            for path in order[slot::slots]:
+        slot, workers = self._slot()
+        plan = shard_plan(self.shards, self.world, workers, self.seed, epoch)
+        if not plan.shardless:
+            for path in plan.slots[slot]:
                 yield from self._groups(path, lambda n: True)
             return
+        slots = len(plan.slots)
         index = 0  # running sample index over all shards, the same in every slot
-        for path in order:
+        for path in plan.slots[slot]:
             for key, members in self._groups(path, lambda n, base=index: (base + n) % slots == slot):
                 if members is not None and _SHARD_ERROR in members:
                     if index % slots == slot:  # count a damaged shard once, not once per slot
@@ -593,16 +740,43 @@ class WebDatasetShards(torch.utils.data.IterableDataset):
             return PAIRED
         return IMAGE_ONLY if (h - self.paired_share) / (1 - self.paired_share) < 0.5 else TEXT_ONLY
 
+    def _image(self, members):
+        return next((members[k] for k in self.image_keys if k in members), None)
+
+    def _caption(self, members):
+        """The sample's caption (str or bytes), or None."""
+        for k in self.caption_keys:
+            if k not in members:
+                continue
+            if not k.endswith("json"):
+                return members[k]
+            try:
+                caption = json.loads(members[k]).get("caption")
+            except (ValueError, AttributeError):  # not JSON, or JSON but not an object
+                continue
+            if caption is not None:
+                return caption
+        return None
+
+    def _check_keys(self, window=16):
+        """Raise if none of the first `window` samples has an image member, or none has a caption."""
+        head = ((path, members) for path in self.shards for _, members in self._groups(path, lambda n: True))
+        readable = [(path, m) for path, m in itertools.islice(head, window) if _SHARD_ERROR not in m]
+        if not readable:
+            return  # nothing readable up front: damaged shards are counted as skips when read
+        where = f"{readable[0][0]}: the first {len(readable)} samples"
+        seen = ", ".join(sorted({ext for _, m in readable for ext in m}))
+        if not any(self._image(m) is not None for _, m in readable):
+            raise ValueError(f"{where} have no image member {'/'.join(self.image_keys)} (image_keys); "
+                             f"their members are {seen}")
+        if not any(self._caption(m) is not None for _, m in readable):
+            raise ValueError(f"{where} have no caption member {'/'.join(self.caption_keys)} (caption_keys; json: "
+                             f"its \"caption\" field); their members are {seen}")
+
     def _sample(self, key, members):
         if _SHARD_ERROR in members:
             return _skip(members[_SHARD_ERROR], _pretrain_placeholder(self.transform.image_size, self.text_len))
-        image = next((members[e] for e in ("jpg", "jpeg", "png", "webp") if e in members), None)
-        caption = members.get("txt")
-        if caption is None and "json" in members:
-            try:
-                caption = json.loads(members["json"]).get("caption")
-            except (ValueError, AttributeError):
-                caption = None
+        image, caption = self._image(members), self._caption(members)
         if image is None:
             return _skip("missing", _pretrain_placeholder(self.transform.image_size, self.text_len))
         return pretrain_sample(image, b"" if caption is None else caption, self.tokenizer, self.text_len,
@@ -611,10 +785,11 @@ class WebDatasetShards(torch.utils.data.IterableDataset):
     def __iter__(self):
         if self.tokenizer is None or self.transform is None:
             raise ValueError("WebDatasetShards needs tokenizer and transform to yield samples")
+        epoch = self.epoch  # read once: the whole pass uses one epoch
         slot, _ = self._slot()
-        rng = random.Random(f"{self.seed}/{self.epoch}/{slot}")
+        rng = random.Random(f"{self.seed}/{epoch}/{slot}")
         buffer = []
-        for raw in self._raw():
+        for raw in self._raw(epoch):
             if self.shuffle_buffer > 1:
                 if len(buffer) < self.shuffle_buffer:
                     buffer.append(raw)
@@ -627,11 +802,20 @@ class WebDatasetShards(torch.utils.data.IterableDataset):
             yield self._sample(*raw)
 
     def captions(self):
-        """Captions of every shard (txt members only; images are skipped unread)."""
+        """The caption of every sample of every shard, in order, read as samples read it (images unread)."""
         for path in self.shards:
             for _, members in self._groups(path, lambda n: True):
-                if "txt" in members:
-                    yield members["txt"]
+                caption = None if _SHARD_ERROR in members else self._caption(members)
+                if caption is not None:
+                    yield caption
+
+
+def _member_keys(keys, name):
+    """A tuple of lower-case member extensions from a tuple or one string ("jpg" or ".jpg")."""
+    keys = tuple(k.lower().lstrip(".") for k in ((keys,) if isinstance(keys, str) else keys))
+    if not keys or not all(keys):
+        raise ValueError(f"{name} must name member extensions, e.g. ('jpg',) or ('txt', 'json'); got {keys!r}")
+    return keys
 
 
 # -----------------------------------------------------------------------------

@@ -58,16 +58,21 @@ class Tokenizer:
         corpus cannot fill vocab_size pieces, the vocabulary comes out smaller (sentencepiece's
         hard_vocab_limit=False) and we say so; if vocab_size is below the corpus's character count, it is
         raised to that count (every character needs a piece) and we say so."""
+        # sentencepiece drops lines longer than this many bytes (and fails if it drops all): cut them to it
+        # instead, on a character boundary. caption_text already cut them to data.MAX_CAPTION_CHARS characters.
+        max_bytes = 4192
+
         def sentences():
             for c in captions:
                 text = " ".join(caption_text(c).split())  # one line each; newlines inside a caption are spaces
+                text = text.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
                 if text:
                     yield text
 
         spm.set_random_generator_seed(0)
         options = dict(vocab_size=vocab_size, model_type="bpe", pad_id=PAD_ID, unk_id=UNK_ID, bos_id=-1,
                        eos_id=-1, hard_vocab_limit=False, normalization_rule_name="nmt_nfkc_cf",
-                       character_coverage=0.9995, num_threads=4, minloglevel=2)
+                       character_coverage=0.9995, num_threads=4, minloglevel=2, max_sentence_length=max_bytes)
         corpus = list(itertools.islice(sentences(), MAX_TOKENIZER_CAPTIONS))
         if not corpus:
             raise ValueError("no non-empty captions to train a tokenizer on")

@@ -1,23 +1,31 @@
 """data.py: transforms, every file format, sharding, and every bad input.
 
-Every file is built in tmp_path; nothing is downloaded.
+Every file is built in tmp_path, some from the real photos committed in tests/fixtures/real (CC0 / public
+domain, see the README there); nothing is downloaded.
 """
 
+import csv
 import io
+import json
+import os
+import re
 import struct
 import tarfile
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 import builtin
 import data
 from tokenizer import Tokenizer
 
 TEXT_LEN = 16
+FIXTURES = Path(__file__).parent / "fixtures" / "real"
+ROTATED = {3: "chelsea_exif_orientation3.jpg", 6: "chelsea_exif_orientation6.jpg", 8: "chelsea_exif_orientation8.jpg"}
 
 
 # -----------------------------------------------------------------------------
@@ -35,6 +43,16 @@ def jpeg_bytes(w=96, h=72, seed=0, mode="RGB", quality=90):
 def save(img, path, **kw):
     img.save(path, **kw)
     return str(path)
+
+
+def fixture_captions():
+    """[(file name, caption)] of the committed real photos (captions.csv, header filepath,title)."""
+    with open(FIXTURES / "captions.csv", newline="") as f:
+        return [(r["filepath"], r["title"]) for r in csv.DictReader(f)]
+
+
+def mean_abs_diff(a, b):
+    return np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).mean()
 
 
 def finite(sample):
@@ -105,6 +123,92 @@ def test_draft_mode_and_reduce_decode_small():
     Image.new("RGB", (1200, 900), (10, 200, 30)).save(png, "PNG")
     im = data.load_image(png.getvalue(), size=64)  # no draft for PNG, but reduce()
     assert 128 <= min(im.size) < 256 and im.getpixel((5, 5)) == (10, 200, 30)
+
+
+# -----------------------------------------------------------------------------
+# EXIF orientation and the committed real photos
+
+
+@pytest.mark.parametrize("orientation", sorted(ROTATED))
+def test_exif_orientation_real_photos_load_upright(orientation):
+    """Real JPEGs whose pixels are stored turned, with the EXIF Orientation that shows them upright."""
+    upright = data.load_image(FIXTURES / "chelsea.jpg")
+    notes = []
+    im = data.load_image(FIXTURES / ROTATED[orientation], notes=notes)
+    assert notes == ["exif_rotated"] and im.size == upright.size == (160, 106)
+    assert mean_abs_diff(im, upright) < 4  # JPEG noise only; the photo upside down or mirrored is ~35 away
+    assert mean_abs_diff(upright.transpose(Image.Transpose.ROTATE_180), upright) > 25
+    notes = []
+    small = data.load_image(FIXTURES / ROTATED[orientation], 32, notes=notes)
+    assert notes == ["exif_rotated"] and small.size == (160, 106)  # too small to draft: same pixels
+    assert mean_abs_diff(small, im) == 0
+
+
+# The transpose that stores an upright image so that EXIF Orientation o shows it upright again
+STORE = {1: None, 2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+         4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90,
+         7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_270}
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])  # JPEG: draft-mode decoding; PNG: reduce()
+def test_exif_orientation_with_draft_and_reduce(fmt):
+    """Every orientation (mirrors too), full size equal to PIL's exif_transpose, and small: decoded from the
+    stored pixels at 1/8 (draft) or box-reduced, then turned, so it is the upright photo at the small size."""
+    # 624 x 416: whole 16-pixel JPEG blocks and whole 13-pixel reduce() boxes, in every orientation
+    big = data.load_image(FIXTURES / "chelsea.jpg").resize((624, 416), Image.BICUBIC)
+    smalls = {}
+    for o, store in STORE.items():
+        exif = Image.Exif()
+        exif[0x0112] = o  # the EXIF Orientation tag
+        buf = io.BytesIO()
+        fast = {"compress_level": 1} if fmt == "PNG" else {}
+        (big if store is None else big.transpose(store)).save(buf, fmt, exif=exif, **fast)
+        notes = []
+        full = data.load_image(buf.getvalue(), notes=notes)
+        reference = ImageOps.exif_transpose(Image.open(io.BytesIO(buf.getvalue()))).convert("RGB")
+        assert full.size == (624, 416) and np.array_equal(np.asarray(full), np.asarray(reference))
+        assert notes == ([] if o == 1 else ["exif_rotated"])
+        smalls[o] = data.load_image(buf.getvalue(), 16)
+    assert smalls[1].size == ((78, 52) if fmt == "JPEG" else (48, 32))  # draft at 1/8, or reduce(13)
+    for o, small in smalls.items():
+        assert small.size == smalls[1].size and mean_abs_diff(small, smalls[1]) < 1, o  # turned after, not before
+
+
+def exif_bytes(tags):
+    exif = Image.Exif()
+    exif.update(tags)
+    return exif.tobytes()
+
+
+@pytest.mark.parametrize("exif", [b"Exif\x00\x00garbage", b"Exif\x00\x00II*\x00\x08\x00\x00\x00\xff\xff",
+                                  exif_bytes({0x0112: 9})])  # damaged blocks; an orientation that does not exist
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")  # PIL says so on open; the pixels are fine
+def test_exif_damaged_or_invalid_is_ignored(exif):
+    buf = io.BytesIO()
+    photo = data.load_image(FIXTURES / "chelsea.jpg")
+    photo.save(buf, "JPEG", exif=exif)
+    notes = []
+    im = data.load_image(buf.getvalue(), notes=notes)
+    assert notes == [] and im.size == photo.size and mean_abs_diff(im, photo) < 4  # as stored
+
+
+def test_real_photos_through_both_transforms():
+    """Every committed real photo (RGB and greyscale JPEGs, three EXIF-rotated) decodes and transforms."""
+    pretrain = data.PretrainTransform(64, data.CC12M_MEAN, data.CC12M_STD)
+    evaluate = data.EvalTransform(64, data.CC12M_MEAN, data.CC12M_STD)
+    names = sorted(p.name for p in FIXTURES.glob("*.jpg"))
+    assert len(names) == 15 and sorted(n for n, _ in fixture_captions()) == names
+    counts = {}
+    torch.manual_seed(0)
+    for name in names:
+        notes = []
+        im = data.load_image(FIXTURES / name, 64, notes=notes)
+        for note in notes:
+            counts[note] = counts.get(note, 0) + 1
+        for t in (pretrain, evaluate):
+            x = t(im)
+            assert x.shape == (3, 64, 64) and torch.isfinite(x).all() and x.std() > 0.05, name
+    assert counts == {"greyscale": 6, "exif_rotated": 3}
 
 
 # -----------------------------------------------------------------------------
@@ -395,8 +499,127 @@ def test_text_lines(tmp_path):
     assert lines[1]["caption"] == b"second \xff caption" and list(lines.captions())[2] == b"last without newline"
 
 
+def test_real_photos_as_csv_and_tsv_with_named_columns(tmp_path, tok, t64):
+    """The real photos through open_clip-style files: filepath,title (found by default) and img<TAB>desc
+    (named, as with --csv-img-key / --csv-caption-key); a named column that is not there names the header."""
+    expected = fixture_captions()
+    by_default = data.CsvPairs(FIXTURES / "captions.csv")
+    assert [(os.path.basename(r["image"]), r["caption"]) for r in by_default] == expected
+    tsv = tmp_path / "pairs.tsv"
+    tsv.write_text("img\tdesc\n" + "".join(f"{os.path.relpath(FIXTURES / n, tmp_path)}\t{c}\n" for n, c in expected))
+    named = data.CsvPairs(tsv, image_column="img", caption_column="DESC")  # matched case-insensitively
+    assert [(os.path.basename(r["image"]), r["caption"]) for r in named] == expected
+    with pytest.raises(ValueError, match=r"pairs.tsv: no image column called any of filepath, .*'img\\tdesc'"):
+        data.CsvPairs(tsv)
+    with pytest.raises(ValueError, match=r"pairs.tsv: no caption column named 'caption'; the header is 'img\\tdesc'"):
+        data.CsvPairs(tsv, image_column="img", caption_column="caption")
+    for source in (by_default, named):
+        batch = data.collate([data.PairedDataset(source, tok, TEXT_LEN, t64)[i] for i in range(len(source))])
+        assert len(batch["image"]) == 15 and batch["has_text"].all()
+        assert batch["skipped"] == {"converted:greyscale": 6, "converted:exif_rotated": 3}
+
+
+def test_long_captions_are_read_cut_and_counted(tmp_path, tok, t64):
+    """A caption far past the csv module's 131072-character field limit, in every kind of source: read, cut
+    to MAX_CAPTION_CHARS characters, counted as converted:long_caption; the samples are otherwise normal."""
+    photo = FIXTURES / "chelsea.jpg"
+    long = "a ginger cat, sitting; " * 10_000  # 230,000 characters, with the CSV delimiter inside
+    cut = long[: data.MAX_CAPTION_CHARS]
+    with open(tmp_path / "pairs.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("filepath", "caption"), (str(photo), long), (str(photo), "a cat")])
+    (tmp_path / "pairs.tsv").write_text(f"filepath\tcaption\n{photo}\t{long}\n")
+    (tmp_path / "lines.txt").write_text(f"{long}\n")
+    members = [("0.jpg", photo.read_bytes()), ("0.txt", long.encode()),
+               ("1.jpg", photo.read_bytes()), ("1.json", json.dumps({"caption": long}).encode())]
+    shard = write_tar(tmp_path / "long.tar", members)
+    csv_pairs = data.CsvPairs(tmp_path / "pairs.csv")
+    assert len(csv_pairs) == 2 and csv_pairs[0]["caption"] == long  # read whole; cut when made a sample
+    samples = [data.PairedDataset(csv_pairs, tok, TEXT_LEN, t64)[i] for i in range(2)]
+    samples += [data.PairedDataset(data.CsvPairs(tmp_path / "pairs.tsv"), tok, TEXT_LEN, t64)[0],
+                data.PairedDataset(data.TextLines(tmp_path / "lines.txt"), tok, TEXT_LEN, t64)[0]]
+    samples += list(data.WebDatasetShards(shard, tok, TEXT_LEN, t64, shuffle_buffer=0))
+    short = samples.pop(1)
+    assert "converted" not in short and short["has_text"]
+    for s in samples:
+        assert s["converted"] == ["long_caption"] and s["has_text"] and "skip" not in s
+        assert torch.equal(s["text"], tok.encode(cut, TEXT_LEN)[0])
+    assert data.collate(samples)["skipped"] == {"converted:long_caption": 5}
+    notes = []
+    assert data.caption_text(long.encode(), notes) == cut and notes == ["long_caption"]
+    notes = []
+    assert data.caption_text(cut, notes) == cut and notes == []  # exactly the maximum: kept as it is
+
+
+def make_unusable(kind, tmp):
+    """(a call that builds a source from an unusable file or folder, the path it must name, the message)."""
+    photo = (FIXTURES / "chelsea.jpg").read_bytes()
+    if kind.startswith("csv"):
+        p = tmp / "pairs.csv"
+        content = {"csv_empty": "", "csv_header_only": "filepath,caption\n", "csv_blank_rows": "filepath,title\n\n\n",
+                   "csv_no_such_columns": "img,desc\nchelsea.jpg,a cat\n",
+                   "csv_named_column_missing": "img,desc\nchelsea.jpg,a cat\n"}.get(kind)
+        if content is not None:
+            p.write_text(content)
+        if kind == "csv_folder":
+            p.mkdir()
+        expected = {"csv_missing": "no such file", "csv_folder": "cannot read it", "csv_empty": "empty file",
+                    "csv_header_only": "a header and no rows", "csv_blank_rows": "a header and no rows",
+                    "csv_no_such_columns": "no image column called any of filepath, .* the header is 'img,desc'",
+                    "csv_named_column_missing": "no caption column named 'title'; the header is 'img,desc'"}[kind]
+        named = dict(image_column="img", caption_column="title") if kind == "csv_named_column_missing" else {}
+        return lambda: data.CsvPairs(p, **named), p, expected
+    if kind.startswith("text"):
+        p = tmp / "captions.txt"
+        if kind != "text_missing":
+            p.write_text({"text_empty": "", "text_blank_lines": "\n   \n\r\n\t\n"}[kind])
+        return lambda: data.TextLines(p), p, "no such file" if kind == "text_missing" else "no captions"
+    root = tmp / "images"
+    if kind.endswith("not_a_folder"):
+        root.write_bytes(photo)
+    elif kind == "image_folder_no_classes":  # images, but not in class sub-folders
+        root.mkdir()
+        (root / "chelsea.jpg").write_bytes(photo)
+    elif kind.endswith("no_images"):
+        for sub in ("cat/nested", "dog", ".hidden"):
+            (root / sub).mkdir(parents=True)
+        (root / "cat" / "nested" / "notes.txt").write_text("not an image")
+        (root / ".hidden" / "chelsea.jpg").write_bytes(photo)  # hidden: not read
+    build = data.ImageFolder if kind.startswith("image_folder") else data.ImageOnlyFolder
+    expected = {"missing": "no such folder", "not_a_folder": "not a folder", "no_classes": "no class sub-folders",
+                "no_images": "no images"}[kind.split("folder_")[1]]
+    if kind == "image_folder_no_images":
+        expected = "no images in its class sub-folders cat, dog"
+    return lambda: build(root), root, expected
+
+
+UNUSABLE = ["csv_missing", "csv_folder", "csv_empty", "csv_header_only", "csv_blank_rows", "csv_no_such_columns",
+            "csv_named_column_missing", "text_missing", "text_empty", "text_blank_lines", "image_folder_missing",
+            "image_folder_not_a_folder", "image_folder_no_classes", "image_folder_no_images",
+            "image_only_folder_missing", "image_only_folder_not_a_folder", "image_only_folder_no_images"]
+
+
+@pytest.mark.parametrize("kind", UNUSABLE)
+def test_unusable_sources_raise_one_line_naming_the_path(kind, tmp_path):
+    build, path, expected = make_unusable(kind, tmp_path)
+    with pytest.raises(ValueError) as e:
+        build()
+    message = str(e.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    assert re.search(expected, message), message
+
+
 # -----------------------------------------------------------------------------
 # webdataset shards
+
+
+def write_tar(path, members):
+    """A tar of (name, bytes) members, in order; returns its path as str."""
+    with tarfile.open(path, "w") as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return str(path)
 
 
 def write_shards(folder, n_shards, per_shard, extra=None):
@@ -404,20 +627,31 @@ def write_shards(folder, n_shards, per_shard, extra=None):
     folder.mkdir(parents=True, exist_ok=True)
     paths, k = [], 0
     for s in range(n_shards):
-        path = folder / f"{s:05d}.tar"
-        with tarfile.open(path, "w") as tar:
-            members = []
-            for _ in range(per_shard):
-                key = f"{s:05d}{k:04d}"
-                members += [(f"{key}.jpg", jpeg_bytes(40, 30, k)), (f"{key}.txt", f"sample {k}".encode()),
-                            (f"{key}.json", b'{"caption": "ignored"}')]
-                k += 1
-            for name, payload in members + (extra or {}).get(s, []):
-                info = tarfile.TarInfo(name)
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
-        paths.append(str(path))
+        members = []
+        for _ in range(per_shard):
+            key = f"{s:05d}{k:04d}"
+            members += [(f"{key}.jpg", jpeg_bytes(40, 30, k)), (f"{key}.txt", f"sample {k}".encode()),
+                        (f"{key}.json", b'{"caption": "ignored"}')]
+            k += 1
+        paths.append(write_tar(folder / f"{s:05d}.tar", members + (extra or {}).get(s, [])))
     return paths, k
+
+
+def fixture_shards(folder, per_shard, txt=True):
+    """The real photos as img2dataset writes them: key.jpg, key.json (url, caption, key, status...) and,
+    with txt, key.txt; 9-digit keys shard * 10000 + index."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs = fixture_captions()
+    paths = []
+    for s in range(0, len(pairs), per_shard):
+        members = []
+        for i, (name, caption) in enumerate(pairs[s : s + per_shard]):
+            key = f"{s // per_shard * 10000 + i:09d}"
+            meta = dict(url=f"fixture:{name}", caption=caption, key=key, status="success", error_message=None)
+            members += [(f"{key}.jpg", (FIXTURES / name).read_bytes()), (f"{key}.json", json.dumps(meta).encode())]
+            members += [(f"{key}.txt", caption.encode())] if txt else []
+        paths.append(write_tar(folder / f"{s // per_shard:05d}.tar", members))
+    return paths
 
 
 def shard_captions(ds, tok, workers, epoch=0):
@@ -429,13 +663,37 @@ def shard_captions(ds, tok, workers, epoch=0):
     return out
 
 
-def test_expand_shards(tmp_path):
+def test_expand_shards(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("d/000", "d/001", "d/002", "a/0-x", "a/0-y", "a/1-x", "a/1-y", "a", "b", "b/8", "b/9", "b/10"):
+        os.makedirs(os.path.dirname(name) or ".", exist_ok=True)
+        Path(f"{name}.tar").write_bytes(b"")  # expand_shards checks that they are files, not what is in them
     assert data.expand_shards("d/{000..002}.tar") == ["d/000.tar", "d/001.tar", "d/002.tar"]
     assert data.expand_shards("a/{0..1}-{x,y}.tar") == ["a/0-x.tar", "a/0-y.tar", "a/1-x.tar", "a/1-y.tar"]
     assert data.expand_shards("a.tar, b/{8..10}.tar") == ["a.tar", "b/8.tar", "b/9.tar", "b/10.tar"]
     assert data.expand_shards(["a.tar", "b.tar"]) == ["a.tar", "b.tar"]
-    paths, _ = write_shards(tmp_path, 3, 1)
-    assert data.expand_shards(str(tmp_path / "*.tar")) == paths
+    assert data.expand_shards("d/*.tar") == ["d/000.tar", "d/001.tar", "d/002.tar"]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("d/*.tgz", r"no file matches the shard pattern 'd/\*.tgz'"),
+    ("d/000.tar, nothing/*.tar", r"no file matches the shard pattern 'nothing/\*.tar'"),
+    ("d/{000..002}.tar", r"1 of the 3 shards in 'd/\{000..002\}.tar' are not files: d/001.tar$"),
+    ("e/{0..9}.tar", r"10 of the 10 shards in .* are not files: e/0.tar, e/1.tar, e/2.tar and 7 more$"),
+    ("d", r"1 of the 1 shards in 'd' are not files: d$"),  # a folder
+    (" , ", r"no shards in"),
+])
+def test_expand_shards_refuses_what_is_not_there(tmp_path, monkeypatch, tok, t64, spec, message):
+    """A pattern that matches nothing, or listed shards that are not files, would make every pass of the
+    stream yield nothing but skips (and train.py wait forever): refused up front, naming them."""
+    monkeypatch.chdir(tmp_path)
+    Path("d").mkdir()
+    for name in ("000", "002"):
+        write_tar(Path("d") / f"{name}.tar", [("0.jpg", jpeg_bytes(20, 20)), ("0.txt", b"a caption")])
+    with pytest.raises(ValueError, match=message):
+        data.expand_shards(spec)
+    with pytest.raises(ValueError, match=message):
+        data.WebDatasetShards(spec, tok, TEXT_LEN, t64)
 
 
 @pytest.mark.parametrize("n_shards", [6, 3])  # more shards than 2 ranks x 2 workers, and fewer
@@ -463,8 +721,9 @@ def test_shards_bad_members_and_paired_share(tmp_path, tok, t64):
     with tarfile.open(paths[0]) as tar:
         cut = tar.getmember("000000001.jpg").offset_data + 100
     truncated.write_bytes(open(paths[0], "rb").read()[:cut])
-    shards = paths + [str(truncated), str(tmp_path / "gone.tar")]
-    ds = data.WebDatasetShards(shards, tok, TEXT_LEN, t64, shuffle_buffer=0)
+    gone = write_tar(tmp_path / "gone.tar", [])
+    ds = data.WebDatasetShards(paths + [str(truncated), gone], tok, TEXT_LEN, t64, shuffle_buffer=0)
+    os.remove(gone)  # gone after the start (a missing shard at the start is refused: expand_shards)
     log, captions = data.SkipLog(), []
     for batch in torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=data.collate):
         log.add(batch.pop("skipped"))
@@ -485,6 +744,80 @@ def test_shards_bad_members_and_paired_share(tmp_path, tok, t64):
     assert torch.equal(again, has_text)
     with pytest.raises(ValueError):
         iter(data.WebDatasetShards(paths)).__next__()  # captions() only: no tokenizer, no samples
+
+
+def test_shard_plan_is_what_each_slot_reads(tmp_path, tok, t64):
+    paths, total = write_shards(tmp_path, 6, 3)
+    shard_of = {f"sample {k}": paths[k // 3] for k in range(total)}
+    for world, workers in ((3, 0), (2, 2), (1, 6)):  # at least as many shards as slots: each shard read once
+        plan = data.shard_plan(paths, world, workers, seed=5, epoch=2)
+        assert plan.shardless == 0 and len(plan.slots) == world * max(workers, 1)
+        assert sorted(p for slot in plan.slots for p in slot) == sorted(paths)
+    plan = data.shard_plan(paths, 3, 0, seed=5, epoch=2)
+    for rank in range(3):  # one slot per rank: the shards it reads are the plan's, in the plan's order
+        ds = data.WebDatasetShards(paths, tok, TEXT_LEN, t64, seed=5, rank=rank, world=3, shuffle_buffer=0)
+        read = [shard_of[c] for c in shard_captions(ds, tok, 0, epoch=2)]
+        assert read == [p for p in plan.slots[rank] for _ in range(3)]
+    assert data.shard_plan(paths, 3, 0, seed=5, epoch=3).slots != plan.slots  # reshuffled per epoch
+    short = data.shard_plan(paths, 2, 4)  # 8 slots, 6 shards: 2 slots have none of their own...
+    assert short.shardless == 2 and all(sorted(slot) == sorted(paths) for slot in short.slots)  # ...all read all
+
+
+def test_shards_epoch_reaches_persistent_workers(tmp_path, tok, t64):
+    """set_epoch must reach DataLoader workers that live across epochs: two epochs, two shuffles, the same
+    samples, each pass equal to a fresh loader's for that epoch."""
+    paths, total = write_shards(tmp_path, 4, 6)
+    ds = data.WebDatasetShards(paths, tok, TEXT_LEN, t64, shuffle_buffer=4)
+    loader = torch.utils.data.DataLoader(ds, batch_size=5, num_workers=2, persistent_workers=True,
+                                         collate_fn=data.collate)
+    orders = []
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        orders.append([tok.decode(t) for batch in loader for t in batch["text"]])
+    assert sorted(orders[0]) == sorted(orders[1]) == sorted(f"sample {k}" for k in range(total))
+    assert orders[0] != orders[1]
+    fresh = data.WebDatasetShards(paths, tok, TEXT_LEN, t64, shuffle_buffer=4)
+    assert [shard_captions(fresh, tok, 2, epoch) for epoch in (0, 1)] == orders
+
+
+def test_shard_member_keys(tmp_path, tok, t64):
+    """Members named otherwise than img2dataset's: named with image_keys / caption_keys; keys that match
+    no member refuse at once, naming the members they saw."""
+    pairs = fixture_captions()[:4]
+    members = []
+    for i, (name, caption) in enumerate(pairs):
+        members += [(f"{i:03d}.Image.JPG", (FIXTURES / name).read_bytes()), (f"{i:03d}.desc", caption.encode()),
+                    (f"{i:03d}.json", json.dumps({"url": name}).encode())]  # json without a caption
+    shard = write_tar(tmp_path / "custom.tar", members)
+    with pytest.raises(ValueError, match=r"custom.tar: the first 4 samples have no image member jpg/jpeg/png/webp "
+                                         r"\(image_keys\); their members are desc, image.jpg, json"):
+        data.WebDatasetShards(shard, tok, TEXT_LEN, t64)
+    with pytest.raises(ValueError, match=r"no caption member txt/json \(caption_keys"):
+        data.WebDatasetShards(shard, tok, TEXT_LEN, t64, image_keys=".image.jpg")
+    with pytest.raises(ValueError, match="caption_keys must name"):
+        data.WebDatasetShards(shard, tok, TEXT_LEN, t64, image_keys="image.jpg", caption_keys=())
+    ds = data.WebDatasetShards(shard, tok, TEXT_LEN, t64, image_keys=("png", "image.jpg"), caption_keys=("desc",),
+                               shuffle_buffer=0)
+    batch = data.collate(list(ds))
+    assert torch.equal(batch["text"], torch.stack([tok.encode(c, TEXT_LEN)[0] for _, c in pairs]))
+    assert batch["has_image"].all() and batch["has_text"].all()
+    assert list(ds.captions()) == [c.encode() for _, c in pairs]
+
+
+@pytest.mark.parametrize("txt", [True, False])  # img2dataset writes key.txt unless told not to; json always
+def test_real_photos_as_img2dataset_shards(tmp_path, tok, t64, txt):
+    paths = fixture_shards(tmp_path / "wds", 5, txt=txt)
+    captions = [c for _, c in fixture_captions()]
+    ds = data.WebDatasetShards(data.expand_shards(str(tmp_path / "wds" / "{00000..00002}.tar")), tok, TEXT_LEN, t64)
+    assert ds.shards == paths
+    assert [data.caption_text(c) for c in ds.captions()] == captions  # the tokenizer's corpus: json too
+    log, seen = data.SkipLog(), []
+    for batch in torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, collate_fn=data.collate):
+        log.add(batch.pop("skipped"))
+        seen += [tuple(t.tolist()) for t in batch["text"]]
+        assert batch["image"].shape[1:] == (3, 64, 64) and torch.isfinite(batch["image"]).all()
+    assert sorted(seen) == sorted(tuple(tok.encode(c, TEXT_LEN)[0].tolist()) for c in captions)
+    assert dict(log.counts) == {"converted:greyscale": 6, "converted:exif_rotated": 3}
 
 
 def _png_rgba():

@@ -81,6 +81,19 @@ def test_get_tokenizer_trains_once_and_falls_back_on_small_corpora(tmp_path, cap
         Tokenizer.train(["", "  "], str(tmp_path / "e.model"), vocab_size=10)
 
 
+def test_tokenizer_trains_on_long_captions(tmp_path):
+    """sentencepiece drops lines over 4192 bytes, and fails when it drops them all: long captions are cut
+    instead (on a character boundary: 'x' + Cyrillic puts the cut inside a 2-byte character), not lost."""
+    cat, dog = "\u043a\u043e\u0448\u043a\u0430", "\u0441\u043e\u0431\u0430\u043a\u0430"  # Russian, 2 bytes a letter
+    words = ["alpha", "beta", "gamma", "delta", cat, dog]
+    captions = [" ".join(words[(i + j) % len(words)] for j in range(3000)) for i in range(30)]
+    captions += ["x" + "\u0436" * 5000, "\u00e9" * (data.MAX_CAPTION_CHARS + 100)]  # over 4192 bytes either way
+    tok = Tokenizer.train(captions, str(tmp_path / "long.model"), vocab_size=100)
+    text = f"alpha {cat} beta"
+    ids, pad = tok.encode(text, 8)
+    assert data.UNK_ID not in ids[~pad].tolist() and tok.decode(ids) == text
+
+
 # -----------------------------------------------------------------------------
 # WordPiece (BERT uncased) on a vocabulary made here; every expected id below is worked out by hand
 
