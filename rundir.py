@@ -194,8 +194,13 @@ def save_checkpoint(ckpt, out_dir):
                               f"({free >> 20} MiB free, {written >> 20} MiB written when it failed); "
                               f"{CKPT} is as it was: free space, then --resume") from e
         raise
-    if os.path.exists(path):
-        os.replace(path, os.path.join(out_dir, PREV))
+    if os.path.exists(path):  # ckpt.pt -> ckpt_prev.pt by a hard link, so that ckpt.pt never goes missing
+        prev, prev_tmp = os.path.join(out_dir, PREV), f"{os.path.join(out_dir, PREV)}.tmp.{os.getpid()}"
+        try:
+            os.link(path, prev_tmp)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(path, prev_tmp)
+        os.replace(prev_tmp, prev)
     os.replace(tmp, path)
 
 

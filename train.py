@@ -368,24 +368,63 @@ def epoch_indices(n, batch_per_rank, rank, world, seed, epoch):
     return keys, steps
 
 
-def epoch_batches(dataset, epoch, skip, micro_batch, per_rank, env, seed, workers, epoch_samples=None,
-                  global_batch=None, grad_accum=1):
+class EpochKeys(torch.utils.data.Sampler):
+    """The sampler of the run's one map-style DataLoader: the (epoch, index) keys of the current epoch, set before
+    each pass, so that the loader and its workers live across epochs (persistent_workers)."""
+
+    def __init__(self):
+        self.keys = []
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    def __len__(self):
+        return len(self.keys)
+
+
+def make_loader(dataset, micro_batch, workers, env, seed):
+    """One DataLoader for the whole run, its workers kept alive across epochs: a new loader per epoch would start
+    every worker again at each boundary (and re-open the shards). Map-style data goes through SeededSamples and
+    EpochKeys; a stream (webdataset) takes its epoch through set_epoch, which reaches live workers."""
+    stream = isinstance(dataset, torch.utils.data.IterableDataset)
+    if stream and workers > len(dataset.shards) // env.world:
+        # fewer shards than (rank, worker) slots: the short slots would read every shard for their share of samples
+        fit = len(dataset.shards) // env.world
+        if env.master:
+            print(f"note: {len(dataset.shards)} shard(s) for {env.world} rank(s) x {workers} workers: using {fit} "
+                  f"worker(s) per rank, so that each reads its own shards")
+        workers = fit
+    return torch.utils.data.DataLoader(dataset if stream else SeededSamples(dataset, seed),
+                                       sampler=None if stream else EpochKeys(), batch_size=micro_batch,
+                                       collate_fn=data.collate, num_workers=workers, pin_memory=env.cuda, drop_last=True,
+                                       persistent_workers=workers > 0)
+
+
+def epoch_batches(loader, epoch, skip, per_rank, env, seed, epoch_samples=None, global_batch=None, grad_accum=1):
     """(iterator over this rank's micro-batches of `epoch`, after its first `skip` steps; steps in the epoch).
-    Map-style data: a seeded permutation (epoch_indices) through SeededSamples. A stream (webdataset): data.py
-    splits the shards over ranks and workers, a rank whose shards run short starts another pass, and a resume
-    skips what was read."""
-    loader_kw = dict(batch_size=micro_batch, collate_fn=data.collate, num_workers=workers, pin_memory=env.cuda,
-                     drop_last=True)
+    Map-style data: a seeded permutation (epoch_indices). A stream (webdataset): data.py splits the shards over
+    ranks and workers, a rank whose shards run short starts another pass, a resume skips what was read, and a
+    pass that yields no batch at all is an error, never an endless loop."""
+    dataset = loader.dataset
     if isinstance(dataset, torch.utils.data.IterableDataset):
 
         def endless():
             for sweep in itertools.count():
                 dataset.set_epoch(mix_seed(epoch, sweep))
-                yield from torch.utils.data.DataLoader(dataset, **loader_kw)
+                batches = 0
+                for batch in loader:
+                    batches += 1
+                    yield batch
+                if batches == 0:
+                    raise RuntimeError(
+                        f"a pass over {len(dataset.shards)} shard(s) gave no batch of {loader.batch_size} on rank "
+                        f"{env.rank} ({env.world} rank(s) x {max(loader.num_workers, 1)} loader(s) each): every shard "
+                        f"is empty or unreadable, or each worker reads fewer than {loader.batch_size} usable samples "
+                        f"(drop_last); use fewer --workers, a smaller --batch-size or more shards")
 
         return itertools.islice(endless(), skip * grad_accum, None), epoch_samples // global_batch
     keys, steps = epoch_indices(len(dataset), per_rank, env.rank, env.world, seed, epoch)
-    loader = torch.utils.data.DataLoader(SeededSamples(dataset, seed), sampler=keys[skip * per_rank :], **loader_kw)
+    loader.sampler.keys = keys[skip * per_rank :]
     return iter(loader), steps
 
 
@@ -441,6 +480,8 @@ def build_data(args, image_size, text_len, norm=None):
     """Returns (tokenizer, pretraining dataset, (probe train, probe test) or None, (mean, std)). The pretraining
     dataset is map-style (built-in, CSV, plus text-file / image-dir extras: exact resume) or a stream (webdataset
     shards). A source that cannot be read ends the run here with one line naming it."""
+    flag = "csv" if args.data == "csv" else "wds-shards"
+    keys = dict(image_keys=args.wds_image_key.split(";"), caption_keys=args.wds_caption_key.split(";"))
     try:
         if args.data == "builtin":
             pairs = builtin.Builtin("pretrain", args.train_size, image_size, seed=args.data_seed, level=args.data_level)
@@ -449,14 +490,16 @@ def build_data(args, image_size, text_len, norm=None):
             pairs = data.CsvPairs(args.csv, args.csv_img_key, args.csv_caption_key, args.csv_separator)
             mean, std = data.CC12M_MEAN, data.CC12M_STD
         else:
-            pairs = data.WebDatasetShards(args.wds_shards)
+            pairs = data.WebDatasetShards(args.wds_shards, **keys)
             mean, std = data.CC12M_MEAN, data.CC12M_STD
-        extras = ([data.TextLines(args.text_file)] if args.text_file else []) + (
-            [data.ImageOnlyFolder(args.image_dir)] if args.image_dir else [])
-        if norm is not None:  # --init-from: the normalisation the initial weights were trained with
-            mean, std = norm
+        flag = "text-file"
+        extras = [data.TextLines(args.text_file)] if args.text_file else []
+        flag = "image-dir"
+        extras += [data.ImageOnlyFolder(args.image_dir)] if args.image_dir else []
     except ValueError as e:
-        sys.exit(f"train.py: error: {e}")
+        build_parser().error(f"argument --{flag}: {e}")
+    if norm is not None:  # --init-from: the normalisation the initial weights were trained with
+        mean, std = norm
 
     def captions():  # the tokenizer's training corpus: the first --tokenizer-captions captions the run will see
         corpus = itertools.chain(pairs.captions(), *(extra.captions() for extra in extras))
@@ -474,7 +517,7 @@ def build_data(args, image_size, text_len, norm=None):
         transform = data.PretrainTransform(image_size, mean, std)  # RandomResizedCrop(0.2-1) + flip (official)
     if args.data == "wds":
         dataset = data.WebDatasetShards(args.wds_shards, tokenizer=tokenizer, text_len=text_len, transform=transform,
-                                        paired_share=args.paired_share, seed=args.data_seed)
+                                        paired_share=args.paired_share, seed=args.data_seed, **keys)
     else:
         # the paper's paired-share knob (section 4.1): a fraction of pairs stays paired, the rest is split
         roles = data.paired_share_roles(len(pairs), args.paired_share, args.data_seed)
@@ -665,6 +708,7 @@ def loop(step_model, model, optimizer, dataset, progress, max_lr, env, args, con
     is read at every log and before every save (no extra host sync), so the run stops at most --log-every steps
     after a bad step, before any save, and the checkpoint it names holds the last good weights."""
     flops_per_sample = train_flops_per_sample(config, with_text=not args.no_text)
+    loader = make_loader(dataset, micro_batch, args.workers, env, args.seed)
     log_file = open(os.path.join(args.out_dir, rundir.LOG), "a") if env.master else None
     skips = data.SkipLog()
     first_bad = torch.tensor(-1, device=env.device)  # index of the first step with a non-finite loss or gradient
@@ -682,9 +726,8 @@ def loop(step_model, model, optimizer, dataset, progress, max_lr, env, args, con
     bar = tqdm(total=args.steps, initial=progress["step"], disable=not env.master, dynamic_ncols=True)
     t_last, samples_since = time.perf_counter(), 0
     while progress["step"] < args.steps:
-        batches, steps_in_epoch = epoch_batches(dataset, progress["epoch"], progress["batch_in_epoch"], micro_batch,
-                                                per_rank, env, args.seed, args.workers, args.epoch_samples,
-                                                args.batch_size, args.grad_accum)
+        batches, steps_in_epoch = epoch_batches(loader, progress["epoch"], progress["batch_in_epoch"], per_rank, env,
+                                                args.seed, args.epoch_samples, args.batch_size, args.grad_accum)
         if steps_in_epoch == 0:
             sys.exit(f"train.py: error: the dataset ({args.epoch_samples if args.epoch_samples else len(dataset)} "
                      f"samples) is smaller than one global batch ({args.batch_size})")

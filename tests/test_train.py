@@ -436,3 +436,52 @@ def test_ddp_two_gloo_ranks_equal_one_process(tmp_path):
             assert (xk - yk).abs().max() <= 3 * lr, name
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4, msg=name)
     assert len(b["rng"]) == 2  # one RNG state per rank
+
+
+def _shards(folder, counts):
+    """img2dataset-style shards with counts[i] samples in shard i (jpg + txt members, 9-digit keys)."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for s, n in enumerate(counts):
+        with tarfile.open(folder / f"{s:05d}.tar", "w") as tar:
+            for i in range(n):
+                key = f"{s:05d}{i:04d}"
+                buf = io.BytesIO()
+                Image.new("RGB", (48, 40), (40 * i % 255, 20 * s, 90)).save(buf, format="JPEG")
+                for name, payload in ((f"{key}.jpg", buf.getvalue()), (f"{key}.txt", f"picture {i} of {s}".encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    return str(folder / ("{00000..%05d}.tar" % (len(counts) - 1)))
+
+
+def test_a_stream_that_yields_no_batch_is_an_error_not_a_hang(tmp_path):
+    """One shard of 3 samples, 2 workers, micro-batch 4: no worker can fill a batch (drop_last). Today's main
+    looped forever at 0%; now one line names shards, batch, ranks and workers. Run with a timeout, not a wait."""
+    pattern = _shards(tmp_path / "s", [3])
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *SMALL[:-1], "--no-probe", "--workers",
+                           "2", "--wds-shards", pattern, "--epoch-samples", "32", "--batch-size", "4", "--steps", "3",
+                           "--out-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "gave no batch of 4" in proc.stderr and "1 shard(s)" in proc.stderr, proc.stderr[-2000:]
+    assert "using 1 worker(s) per rank" in proc.stdout  # 1 shard cannot feed 2 workers: reduced, said so
+
+
+def test_stream_workers_live_across_epochs(tmp_path, monkeypatch):
+    """Several passes and epochs over 2 shards with 2 workers: one DataLoader, its workers started once."""
+    pattern = _shards(tmp_path / "s", [6, 6])
+    made = []
+    real = torch.utils.data.DataLoader.__init__
+
+    def counting(self, *args, **kwargs):
+        made.append(kwargs.get("persistent_workers"))
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.data.DataLoader, "__init__", counting)
+    run(tmp_path / "run", "--wds-shards", pattern, "--epoch-samples", "16", "--batch-size", "4", "--steps", "10",
+        "--workers", "2")
+    assert params(tmp_path / "run")["epoch"] == 2 and made == [True]  # 10 steps = 2.5 epochs of 4 steps
