@@ -36,7 +36,7 @@ import zipfile
 import numpy as np
 import torch
 
-from data import CC12M_MEAN, CC12M_STD
+from data import CC12M_MEAN, CC12M_STD, IMAGENET_MEAN, IMAGENET_STD
 from tokenizer import load_tokenizer
 
 
@@ -55,7 +55,6 @@ def data_entry(mean, std, source):
 
 # The official data pipeline normalises with CC12M statistics (its image_normalization='cc12m', what the README's
 # pretraining command uses); mae, like timm, with ImageNet's.
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 OFFICIAL_DATA = data_entry(CC12M_MEAN, CC12M_STD, "official M3AE preprocessing (CC12M mean/std)")
 MAE_DATA = data_entry(IMAGENET_MEAN, IMAGENET_STD, "facebookresearch/mae preprocessing (ImageNet mean/std)")
 

@@ -54,6 +54,8 @@ PAD_ID, UNK_ID = 0, 1
 MAX_CAPTION_CHARS = 4096
 # Official (m3ae_public) CC12M statistics, for real web data.
 CC12M_MEAN, CC12M_STD = (0.5762, 0.5503, 0.5213), (0.3207, 0.3169, 0.3307)
+# ImageNet statistics (torchvision's, used by mae and by most ViT fine-tuning code).
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # Largest image decoded (pixels); PIL's own bomb limit (Image.MAX_IMAGE_PIXELS) also applies.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")

@@ -20,9 +20,8 @@ import builtin
 import data
 from tokenizer import load_tokenizer, tokenizer_from_bytes
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 NORMS = {"builtin": (builtin.BUILTIN_MEAN, builtin.BUILTIN_STD), "cc12m": (data.CC12M_MEAN, data.CC12M_STD),
-         "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
+         "imagenet": (data.IMAGENET_MEAN, data.IMAGENET_STD)}
 
 
 # -----------------------------------------------------------------------------
