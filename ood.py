@@ -158,7 +158,7 @@ def build_parser():
     p = make_parser(__doc__)
     probe.add_encoder_args(p)
     probe.add_data_args(p)
-    probe.add_head_args(p)
+    probe.add_head_args(p, full_mode=False)
     p.add_argument("--ood-dir", help="folder of OOD images (any layout, read recursively); if not given, the "
                    "built-in data's held-out shapes")
     p.add_argument("--ood-size", type=int, help="OOD images; if not given, all (built-in: the split's 2000). On a "

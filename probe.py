@@ -103,14 +103,14 @@ def add_data_args(p):
     a("--crop-pct", type=float, help="evaluation centre crop; if not given, 0.875 for folders, 1.0 for built-in")
 
 
-def add_head_args(p):
+def add_head_args(p, full_mode=True):
     a = p.add_argument
     a("--recipe", default="grid", choices=["grid", "paper"], help="grid: one head per --lr-grid base lr, the lr "
       "chosen on the validation split; paper: one head at --base-lr on the whole training split")
     a("--lr-grid", type=float, nargs="+", default=list(LR_GRID), help="--recipe grid: the base lrs tried")
     a("--optimizer", default="lars", choices=["lars", "sgd"], help="LARS as the paper, or momentum SGD")
-    a("--epochs", type=int, help="head training epochs; if not given, 90 as the paper (10 for --mode full on "
-      "the built-in data)")
+    a("--epochs", type=int, help="head training epochs; if not given, 90 as the paper" + (" (10 for --mode full "
+      "on the built-in data)" if full_mode else ""))
     a("--batch-size", type=int, default=256, help="head batch (paper: 16384 mae, 2048 official)")
     a("--base-lr", type=float, help="--recipe paper: lr = base_lr x batch / 256; if not given, 0.1 as the paper")
     a("--warmup-epochs", type=float, help="linear warmup; if not given, epochs / 9 (the paper's 10 of 90)")
