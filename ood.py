@@ -8,11 +8,17 @@ Features are probe.py's (CLS after the final norm, image only, cached on disk wi
 probe.py first makes the in-distribution ones free). Fit on the in-distribution train split (with labels),
 score the in-distribution test split and the OOD split. Scores, higher = more OOD:
   mahalanobis           min over classes of the squared Mahalanobis distance to the class mean, one covariance
-                        shared by all classes (Lee et al. 2018)
+                        shared by all classes (Lee et al. 2018), fitted on the whole train split
   relative_mahalanobis  that minus the squared distance under one Gaussian fitted on all train features,
                         "background" (Ren et al. 2021)
-  msp                   minus the maximum softmax probability of a linear-probe head trained on the
-                        in-distribution train features with probe.py's fast-mode recipe (Hendrycks & Gimpel 2017)
+  msp                   minus the log of the maximum softmax probability (the same ranking as MSP, Hendrycks &
+                        Gimpel 2017) of probe.py's linear head (fast mode, the same --recipe: by default the lr
+                        grid, the lr chosen on a validation split held out from the train split). Read it beside
+                        the head's test top-1 (msp_head in the JSON): a head that barely left its random 0.01-std
+                        init (the paper's fixed lr on a few thousand images: the default before the grid) has
+                        logits ~ w.BN(x) for a small random w, so its max softmax grows with the feature's distance
+                        from the training mean, and OOD features far from that mean look MORE confident (AUROC far
+                        below 50; docs/probe.md has the measurements).
 Covariances are inverted with a pseudo-inverse that drops eigenvalues below 1e-6 x the largest: the CLS
 feature comes out of a LayerNorm, so its covariance is singular (every feature lies on one hyperplane).
 
@@ -23,10 +29,11 @@ Metrics (numpy, ties handled; tests/test_ood.py checks them against brute-force 
   fpr95     fraction of OOD samples accepted at the threshold that accepts 95% of in-distribution samples
   aupr_in   average precision with in-distribution as positive (confidence as the ranking)
   aupr_out  average precision with OOD as positive (score as the ranking)
+No metric is computed from an empty split or from non-finite scores (an error instead), and the result JSON never
+holds NaN. Result: ood_<dataset>_vs_<ood folder>[_paper][_random_init].json next to the checkpoint (built-in:
+ood_builtin[_paper][_random_init].json).
 """
 
-import json
-import os
 import time
 
 import numpy as np
@@ -86,8 +93,14 @@ def average_precision(pos, neg):
 
 
 def ood_metrics(score_in, score_ood):
-    """All four metrics in % for one score (higher = more OOD); positive = in-distribution (see the docstring)."""
+    """All four metrics in % for one score (higher = more OOD); positive = in-distribution (see the docstring).
+    Empty or non-finite scores are an error (ValueError): they would give NaN or a meaningless number."""
     conf_in, conf_ood = -np.asarray(score_in, np.float64), -np.asarray(score_ood, np.float64)
+    for name, s in (("in-distribution", conf_in), ("OOD", conf_ood)):
+        if s.size == 0:
+            raise ValueError(f"no {name} score: no metric from no sample")
+        if not np.isfinite(s).all():
+            raise ValueError(f"{int((~np.isfinite(s)).sum())} of {s.size} {name} scores are not finite")
     return dict(auroc=100 * auroc(conf_in, conf_ood), fpr95=100 * fpr_at_tpr(conf_in, conf_ood, 0.95),
                 aupr_in=100 * average_precision(conf_in, conf_ood),
                 aupr_out=100 * average_precision(-conf_ood, -conf_in))
@@ -129,27 +142,40 @@ def mahalanobis_scores(g, x):
 
 @torch.no_grad()
 def msp_scores(head, x):
-    """Minus the maximum softmax probability (higher = more OOD)."""
-    return -head(x).softmax(dim=1).max(dim=1).values.double().numpy()
+    """MSP as a score, higher = more OOD: minus the log of the maximum softmax probability, in float64. The log
+    ranks samples exactly as the probability does (and every metric here reads only the ranking), but keeps
+    apart confident samples whose probability rounds to 1.0."""
+    logits = head(x).double()
+    top = logits.max(dim=1, keepdim=True)
+    others = (logits - top.values).exp().scatter(1, top.indices, 0.0)  # exp(l_j - l_max) for j != argmax
+    return torch.log1p(others.sum(dim=1)).numpy()  # -log p_max = log(1 + sum_j exp(l_j - l_max)), to 1e-308
 
 
 # -----------------------------------------------------------------------------
 
 
-def get_args(argv=None):
+def build_parser():
     p = make_parser(__doc__, prog="ood.py")
     probe.add_encoder_args(p)
     probe.add_data_args(p)
-    probe.add_head_args(p)
-    p.add_argument("--ood-dir", help="folder of OOD images (any layout, read recursively); default: the built-in "
-                   "data's held-out shapes")
-    p.add_argument("--ood-size", type=int, help="built-in data: OOD images (default: the split's 2000)")
+    probe.add_head_args(p, full_mode=False)
+    p.add_argument("--ood-dir", help="folder of OOD images (any layout, read recursively); if not given, the "
+                   "built-in data's held-out shapes")
+    p.add_argument("--ood-size", type=int, help="OOD images; if not given, all (built-in: the split's 2000). On a "
+                   "folder a seeded random subset (--data-seed)")
+    return p
+
+
+def get_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if not args.ckpt and not args.random_init:
         p.error("give --ckpt (or --random-init [--preset])")
     folders = [args.train_dir, args.test_dir, args.ood_dir]
     if any(folders) and not all(folders):
         p.error("real data needs all of --train-dir (in-distribution, class folders), --test-dir and --ood-dir")
+    probe.check_head_args(p, args)
+    probe.check_paths(p, args, ("train", "test", "val", "ood"))
     return args
 
 
@@ -157,40 +183,48 @@ def main(argv=None):
     args = get_args(argv)
     t0 = time.perf_counter()
     model, ckpt = probe.load_encoder(args.ckpt, args.random_init, args.preset, args.seed, args.device)
-    d = probe.eval_data(args, ckpt, splits=("train", "test", "ood"))
+    d = probe.eval_data(args, ckpt, splits=("train", "test", "val", "ood"))
     model_key = probe.weights_hash(model)
-    xtr, ytr, classes = probe.split_features(model, d, "train", model_key)
-    x_in, _, _ = probe.split_features(model, d, "test", model_key)
-    x_ood, _, _ = probe.split_features(model, d, "ood", model_key)
+    train = probe.split_features(model, d, "train", model_key)
+    test = probe.split_features(model, d, "test", model_key)
+    out_split = probe.split_features(model, d, "ood", model_key)
+    x_in, x_ood = test.x, out_split.x
     t_features = time.perf_counter() - t0
 
-    g = fit_gaussians(xtr.numpy(), ytr.numpy())
+    g = fit_gaussians(train.x.numpy(), train.y.numpy())
     (md_in, rmd_in), (md_ood, rmd_ood) = mahalanobis_scores(g, x_in.numpy()), mahalanobis_scores(g, x_ood.numpy())
-    recipe = probe.recipe_from_args(args, d.real, 90)
-    head = probe.train_head_on_features(xtr, ytr, len(classes), seed=args.seed, **recipe)
+    head, fit, fit_rows = probe.fit_linear_head(args, d, model, model_key, train, len(train.classes))
     scores = {
         "mahalanobis": ood_metrics(md_in, md_ood),
         "relative_mahalanobis": ood_metrics(rmd_in, rmd_ood),
         "msp": ood_metrics(msp_scores(head, x_in), msp_scores(head, x_ood)),
     }
+    with torch.no_grad():
+        head_top1 = probe.topk_accuracy(head(x_in), test.y, ks=(1,))[1]
+    name = probe.result_name("ood", d, args)
+    if d.real:
+        name = name.replace(f"ood_{d.name}", f"ood_{d.name}_vs_{probe.folder_name(d.folders['ood'])}", 1)
     result = dict(
         ckpt=args.ckpt, random_init=args.random_init, seed=args.seed, model_hash=model_key[:16],
-        data="folder" if d.real else "builtin", data_seed=None if d.real else d.data_seed,
-        sizes=dict(in_train=len(xtr), in_test=len(x_in), ood=len(x_ood)), classes=len(classes),
+        dataset=d.name, ood_dataset=probe.folder_name(d.folders["ood"]) if d.real else "builtin_heldout_shapes",
+        data="folder" if d.real else "builtin", folders=d.folders or None, data_seed=None if d.real else d.data_seed,
+        sizes=dict(in_train=len(train.x), in_test=len(x_in), ood=len(x_ood), head_fit=len(fit_rows)),
+        classes=len(train.classes),
         convention="positive = in-distribution; scores higher = more OOD; metrics in %",
-        scores=scores, head_recipe=recipe, pretraining=pretraining_info(ckpt),
+        scores=scores, msp_head=dict(test_top1=head_top1, recipe=fit["recipe"], selection=fit.get("selection")),
+        skipped=dict(train=train.skipped, test=test.skipped, ood=out_split.skipped),
+        pretraining=pretraining_info(ckpt),
         seconds=dict(features=round(t_features, 1), total=round(time.perf_counter() - t0, 1)),
     )
-    out = probe.out_path_for(args.ckpt, args.out, args.preset, args.random_init, "ood")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
-    name = "random-init encoder" if args.random_init else args.ckpt
-    print(f"{name}: OOD detection, {len(x_in)} in-distribution vs {len(x_ood)} OOD test samples "
-          f"(fit on {len(xtr)}) -> {out}")
+    out = probe.out_path_for(args.ckpt, args.out, args.preset, args.random_init, name)
+    probe.write_result(result, out)
+    who = "random-init encoder" if args.random_init else args.ckpt
+    print(f"{who}: OOD detection, {len(x_in)} in-distribution ({d.name}) vs {len(x_ood)} OOD test samples "
+          f"(fit on {len(train.x)}; MSP head base lr {fit['recipe']['base_lr']:g}, test top-1 {head_top1:.2f}%) "
+          f"-> {out}")
     print(f"  {'score':<22}{'AUROC':>8}{'FPR@95':>8}{'AUPR-in':>9}{'AUPR-out':>9}")
-    for name, m in scores.items():
-        print(f"  {name:<22}{m['auroc']:8.2f}{m['fpr95']:8.2f}{m['aupr_in']:9.2f}{m['aupr_out']:9.2f}")
+    for score, m in scores.items():
+        print(f"  {score:<22}{m['auroc']:8.2f}{m['fpr95']:8.2f}{m['aupr_in']:9.2f}{m['aupr_out']:9.2f}")
     return result
 
 

@@ -1,7 +1,7 @@
 """The sweep's table: sweep.sh trains the variants and runs probe.py and ood.py on each; this aggregates their
 JSON results into OUT/table.md, mean ± std over seeds, and checks the paper's orderings.
 
-    python sweep.py runs/sweep        # reads runs/sweep/<variant>_s<seed>/{probe_fast,probe_fast_colour,ood}*.json
+    python sweep.py runs/sweep        # reads runs/sweep/<variant>_s<seed>/{probe_builtin*,ood_builtin*}.json
 """
 
 import glob
@@ -43,9 +43,9 @@ ORDERINGS = [  # (what, metric, better variant, worse variant, the paper's numbe
 
 
 def collect(sweep_dir):
-    """{variant: {seed: {metric: value}}} from SWEEP_DIR/<variant>_s<seed>/ probe_fast.json (shape label),
-    probe_fast_colour.json (colour label: metrics *_colour) and ood.json; the random-init floor from
-    m3ae_s<seed>/*_random_init.json."""
+    """{variant: {seed: {metric: value}}} from SWEEP_DIR/<variant>_s<seed>/ probe_builtin_fast.json (shape label),
+    probe_builtin_colour_fast.json (colour label: metrics *_colour) and ood_builtin.json (each also read with the
+    _paper suffix probe.py gives --recipe paper results); the random-init floor from m3ae_s<seed>/*_random_init.json."""
     runs = {}
     for folder in sorted(glob.glob(os.path.join(sweep_dir, "*_s*"))):
         m = re.fullmatch(r"(.+)_s(\d+)", os.path.basename(folder))
@@ -56,10 +56,11 @@ def collect(sweep_dir):
             if suffix and variant != "m3ae":
                 continue
             row = {}
-            for fname, fields, tag in ((f"probe_fast{suffix}.json", ("top1", "knn_top1"), ""),
-                                       (f"probe_fast_colour{suffix}.json", ("top1", "knn_top1"), "_colour"),
-                                       (f"ood{suffix}.json", None, "")):
-                path = os.path.join(folder, fname)
+            for stem, fields, tag in (("probe_builtin_fast", ("top1", "knn_top1"), ""),
+                                      ("probe_builtin_colour_fast", ("top1", "knn_top1"), "_colour"),
+                                      ("ood_builtin", None, "")):
+                found = [os.path.join(folder, f"{stem}{recipe}{suffix}.json") for recipe in ("", "_paper")]
+                path = next((f for f in found if os.path.exists(f)), found[0])
                 if not os.path.exists(path):
                     continue
                 with open(path) as f:

@@ -27,6 +27,7 @@ Attention maps read the encoder on the whole, unmasked input (as the paper's fig
 model.attention_maps (the math attention path: SDPA and the fused kernel never form the weights).
 """
 
+import argparse
 import os
 import textwrap
 from contextlib import contextmanager
@@ -54,15 +55,16 @@ STOP_WORDS = {"a", "an", "the", "there", "is", "are", "of", "on", "in", "at", "w
 # arguments
 
 
-def get_args(argv=None):
+def build_parser():
     p = make_parser(__doc__, prog="viz.py")
     a = p.add_argument
-    a("--ckpt", required=True, help="checkpoint from train.py or convert.py (a dict with 'model' and 'config')")
-    a("--tokenizer", help="a sentencepiece .model or BERT vocab.txt (default: the one the checkpoint carries, else "
-      "the run's --tokenizer, else tokenizer.model next to the checkpoint)")
+    a("--ckpt", required=True, default=argparse.SUPPRESS, help="checkpoint file from train.py or convert.py (a "
+      "dict with 'model' and 'config'); required")
+    a("--tokenizer", help="a sentencepiece .model or BERT vocab.txt; if not given, the one the checkpoint carries, else "
+      "the run's --tokenizer, else tokenizer.model next to the checkpoint")
     a("--mode", default="all", choices=[*MODES, "all"], help="which figures: recon, caption (the caption's "
       "effect), attention (word -> patches and patch -> words), or all")
-    a("--out-dir", help="where the PNGs go (default: viz/ next to the checkpoint)")
+    a("--out-dir", help="where the PNGs go; if not given, viz/ next to the checkpoint")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (CPU is enough: "
       "a few forward passes)")
     a("--seed", type=int, default=0, help="masking noise: the same seed gives the same masks and figures")
@@ -70,28 +72,35 @@ def get_args(argv=None):
     a("--samples", type=int, default=4, help="built-in data: how many samples (one row each)")
     a("--first", type=int, default=0, help="built-in data: index of the first sample")
     a("--split", default="test", choices=list(builtin.Builtin.SPLITS), help="built-in data: which split")
-    a("--data-seed", type=int, help="built-in data: which procedural dataset (default: the checkpoint's)")
-    a("--data-level", choices=list(builtin.LEVELS), help="built-in data: difficulty (default: the checkpoint's)")
-    a("--image", action="append", help="an image file to show instead of the built-in data (repeatable)")
-    a("--caption", action="append", help="its caption (repeatable, one per --image; none = no caption)")
-    a("--other-caption", help="caption mode: the 'different caption' for every sample (default: the next "
-      "sample's caption; with a single --image, the first built-in test caption)")
-    a("--word", help="attention: the word whose attention over the image is drawn (default: the first word "
-      "naming a shape, else the first word that is not a stop word)")
-    a("--patch", help="attention: ROW,COL of the patch whose attention over the words is drawn (0-based; "
-      "default: the patch under the main object's centre on built-in data, the centre patch otherwise)")
+    a("--data-seed", type=int, help="built-in data: which procedural dataset; if not given, the checkpoint's")
+    a("--data-level", choices=list(builtin.LEVELS), help="built-in data: difficulty; if not given, the "
+      "checkpoint's")
+    a("--image", action="append", help="an image file to show (repeatable); if not given, built-in samples")
+    a("--caption", action="append", help="its caption (repeatable, one per --image); if not given, no caption")
+    a("--other-caption", help="caption mode: the 'different caption' for every sample; if not given, the next "
+      "sample's caption (the next --image's), and none at all for a single sample")
+    a("--word", help="attention: the word whose attention over the image is drawn; if not given, the first word "
+      "naming a shape, else the first word that is not a stop word")
+    a("--patch", help="attention: ROW,COL of the patch whose attention over the words is drawn (0-based); if not "
+      "given, the patch under the main object's centre on built-in data, the centre patch otherwise")
     # masking and view
-    a("--image-mask-ratio", type=float, help="fraction of patches removed (default: the checkpoint's)")
+    a("--image-mask-ratio", type=float, help="fraction of patches removed; if not given, the checkpoint's")
     a("--text-mask-ratio", type=float, help="recon: fraction of text slots removed, padding counted as in "
-      "training (default: the checkpoint's)")
+      "training; if not given, the checkpoint's")
     a("--caption-text-mask-ratio", type=float, default=0.0, help="caption mode: fraction of text slots removed "
-      "(default 0: the whole caption is visible, so the image sees everything the text says)")
+      "(0: the whole caption is visible, so the image sees everything the text says)")
     a("--norm", default="auto", choices=["auto", *NORMS], help="normalisation statistics; auto = those the "
       "checkpoint was pretrained with (builtin or cc12m)")
     a("--crop-pct", type=float, default=1.0, help="--image: centre crop of the shorter side before resizing")
-    a("--scale", type=int, help="display magnification of the images (default: up to 256 px, e.g. 4 x 64 px)")
-    a("--true-colour", action="store_true", help="save true-colour PNGs (default: 256 colours, about 4 times "
+    a("--scale", type=int, help="display magnification of the images; if not given, up to 256 px (e.g. 4 x 64 "
+      "px)")
+    a("--true-colour", action="store_true", help="save true-colour PNGs (else 256 colours, about 4 times "
       "smaller; the drawing's own colours exact, image pixels within ~35/255)")
+    return p
+
+
+def get_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if args.caption and not args.image:
         p.error("--caption goes with --image")
@@ -99,7 +108,25 @@ def get_args(argv=None):
         p.error(f"give one --caption per --image ({len(args.image)} images, {len(args.caption)} captions)")
     if args.samples < 1:
         p.error("--samples must be >= 1")
+    check_file(p, "--ckpt", args.ckpt, "a checkpoint from train.py or convert.py")
+    if args.tokenizer:
+        check_file(p, "--tokenizer", args.tokenizer, "a sentencepiece .model, e.g. tokenizer.model next to the "
+                   "checkpoint")
+    for path in args.image or []:
+        check_file(p, "--image", path, "an image file")
+        if not path.lower().endswith(data.IMAGE_EXTENSIONS):
+            p.error(f"--image {path}: not an image file name (one of {' '.join(data.IMAGE_EXTENSIONS)})")
+    if args.out_dir and os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        p.error(f"--out-dir {args.out_dir}: exists and is not a folder")
     return args
+
+
+def check_file(p, flag, path, what):
+    """p.error (one line, exit 2) unless path is an existing file: '--flag PATH: problem (what is valid)'."""
+    if not os.path.exists(path):
+        p.error(f"{flag} {path}: no such file ({what})")
+    if os.path.isdir(path):
+        p.error(f"{flag} {path}: is a folder, not a file ({what})")
 
 
 # -----------------------------------------------------------------------------
@@ -379,9 +406,12 @@ def recon_layout(n, S):
     return grid_layout(TITLE_LINES, [S] * 5, [LABEL_H + S + 6 + RECON_TEXT * TEXT_ITEM_LINES * LINE + GAP] * n)
 
 
-def caption_layout(n, S):
-    """n rows of six S x S cells, then the two captions used."""
-    return grid_layout(TITLE_LINES, [S] * 6, [LABEL_H + S + 6 + CAPTION_TEXT * TEXT_ITEM_LINES * LINE + GAP] * n)
+def caption_layout(n, S, other=True):
+    """n rows of six S x S cells, then the two captions used; other=False (no other caption): five cells and one
+    caption."""
+    texts = CAPTION_TEXT if other else CAPTION_TEXT - 1
+    return grid_layout(TITLE_LINES, [S] * (6 if other else 5),
+                       [LABEL_H + S + 6 + texts * TEXT_ITEM_LINES * LINE + GAP] * n)
 
 
 def word_layout(n, S, depth):
@@ -595,12 +625,13 @@ def figure_recon(model, tokenizer, batch, noise, view, ctx, samples):
 
 
 def other_captions(samples, other_caption=None):
-    """The 'different caption' for each sample: --other-caption, else the next sample's (cyclically; on built-in
-    data the next one with another label when there is one), else for a single sample a built-in caption."""
+    """The 'different caption' for each sample, from the user's data: --other-caption, else the next sample's
+    (cyclically; on built-in data the next one with another label when there is one). A single sample and no
+    --other-caption: None (no other caption; the figure leaves that column out)."""
     if other_caption is not None:
         return [other_caption] * len(samples)
     if len(samples) == 1:
-        return [builtin.Builtin("test", 1)[0]["caption"]]
+        return None
     out = []
     for i, s in enumerate(samples):
         others = [samples[(i + k) % len(samples)] for k in range(1, len(samples))]
@@ -610,17 +641,20 @@ def other_captions(samples, other_caption=None):
 
 
 def figure_caption(model, tokenizer, batch, noise, view, ctx, samples, other, text_mask_ratio=0.0):
-    """The same masked image (same noise) with its caption, no caption and another caption. Returns the canvas
-    and the (B, 3) MSEs (own, none, other)."""
+    """The same masked image (same noise) with its caption, no caption and another caption (other: one caption per
+    sample, or None: no other caption, that column left out). Returns the canvas and the (B, 3) MSEs (own, none,
+    other), (B, 2) without another caption."""
     c = model.config
     images, text, pad = batch["image"], batch["text"], batch["pad"]
-    encoded = [tokenizer.encode(o, c.text_len) for o in other]
-    other_text, other_pad = torch.stack([t for t, _ in encoded]), torch.stack([m for _, m in encoded])
     with mask_ratios(model, text=text_mask_ratio):
         own = reconstruct(model, images, text, pad, *noise)
-        swapped = reconstruct(model, images, other_text, other_pad, *noise)
+        if other is not None:
+            encoded = [tokenizer.encode(o, c.text_len) for o in other]
+            other_text, other_pad = torch.stack([t for t, _ in encoded]), torch.stack([m for _, m in encoded])
+            swapped = reconstruct(model, images, other_text, other_pad, *noise)
     none = reconstruct(model, images, image_noise=noise[0])  # image-only mode: MAE's, the no-caption case
-    mse = torch.stack([own["image_mse"], none["image_mse"], swapped["image_mse"]], dim=1)  # (B, 3)
+    mse = torch.stack([own["image_mse"], none["image_mse"]] + ([swapped["image_mse"]] if other is not None else []),
+                      dim=1)  # (B, 3) or (B, 2)
     mean = mse.mean(dim=0).tolist()
     change = (own["pasted"] - none["pasted"]).norm(dim=1)  # (B, H, W): what the caption changed, per pixel
     top = change.max().clamp(min=1e-12)  # one scale for every row, so that rows compare
@@ -628,9 +662,10 @@ def figure_caption(model, tokenizer, batch, noise, view, ctx, samples, other, te
         f"the same image noise for all three (image mask {c.image_mask_ratio:g}); caption text mask "
         f"{text_mask_ratio:g} (0 = the whole caption visible); no caption = image-only mode",
         f"MSE = training image loss on removed patches (lower = better); mean: own caption {mean[0]:.4f}, no "
-        f"caption {mean[1]:.4f}, other {mean[2]:.4f}; last column: |own - none| per pixel, one scale for all rows"])
+        f"caption {mean[1]:.4f}, " + (f"other {mean[2]:.4f}" if other is not None else "no other caption given")
+        + "; last column: |own - none| per pixel, one scale for all rows"])
     S, n = view.S, len(images)
-    lay = caption_layout(n, S)
+    lay = caption_layout(n, S, other is not None)
     canvas, draw = new_canvas(lay, title)
     for i in range(n):
         y, mask = lay.row_y[i], own["image_mask"][i]
@@ -638,22 +673,23 @@ def figure_caption(model, tokenizer, batch, noise, view, ctx, samples, other, te
         cells = [(samples[i]["name"], original),
                  (f"masked input ({int(mask.sum())}/{len(mask)} removed)", grey_out(original, mask, c.grid_size)),
                  (f"with its caption: MSE {mse[i, 0]:.4f}", view.pil(own["pasted"][i])),
-                 (f"no caption: MSE {mse[i, 1]:.4f}", view.pil(none["pasted"][i])),
-                 (f"other caption: MSE {mse[i, 2]:.4f}", view.pil(swapped["pasted"][i])),
-                 (f"change made by its caption (max {change[i].max():.3f})",
-                  Image.fromarray(heat_colours((change[i] / top).numpy())).resize((S, S), Image.NEAREST))]
+                 (f"no caption: MSE {mse[i, 1]:.4f}", view.pil(none["pasted"][i]))]
+        if other is not None:
+            cells.append((f"other caption: MSE {mse[i, 2]:.4f}", view.pil(swapped["pasted"][i])))
+        cells.append((f"change made by its caption (max {change[i].max():.3f})",
+                      Image.fromarray(heat_colours((change[i] / top).numpy())).resize((S, S), Image.NEAREST)))
         for (label, img), x in zip(cells, lay.col_x):
             cell(canvas, draw, x, y, label, img)
         x, ty, width = lay.col_x[0], y + LABEL_H + S + 6, lay.size[0] - 2 * MARGIN
         text_item(draw, x, ty, width, "its caption:", token_chips(tokenizer, text[i], pad[i]))
-        text_item(draw, x, ty + TEXT_ITEM_LINES * LINE, width, "other caption:",
-                  token_chips(tokenizer, other_text[i], other_pad[i]))
+        if other is not None:
+            text_item(draw, x, ty + TEXT_ITEM_LINES * LINE, width, "other caption:",
+                      token_chips(tokenizer, other_text[i], other_pad[i]))
     return canvas, mse
 
 
 def figure_word_attention(model, tokenizer, batch, view, ctx, samples, word=None):
     """Figure 7: a word's attention over the image patches, per layer and the last layer larger."""
-    c = model.config
     images, text, pad = batch["image"], batch["text"], batch["pad"]
     words = [caption_words(tokenizer, text[i], pad[i]) for i in range(len(images))]
     chosen = [pick_word(ws, word) for ws in words]
@@ -772,13 +808,21 @@ def main(argv=None):
             canvas = figure_recon(model, tokenizer, batch, noise, view, ctx, samples)
             written["recon"] = save(canvas, path("recon.png"), args.true_colour)
         if "caption" in modes:
-            canvas, mse = figure_caption(model, tokenizer, batch, noise, view, ctx, samples,
-                                         other_captions(samples, args.other_caption), args.caption_text_mask_ratio)
+            other = other_captions(samples, args.other_caption)
+            if other is None:
+                print("caption effect: a single sample and no --other-caption, so no 'other caption' column (give "
+                      "--other-caption TEXT, or a second --image with its --caption)")
+            elif args.image and not args.caption and args.other_caption is None:
+                print("caption effect: the --image samples have no --caption, so the 'other caption' (the next "
+                      "image's) is empty too")
+            canvas, mse = figure_caption(model, tokenizer, batch, noise, view, ctx, samples, other,
+                                         args.caption_text_mask_ratio)
             written["caption"] = save(canvas, path("caption_effect.png"), args.true_colour)
-            own, none, other = mse.mean(dim=0).tolist()
-            print(f"caption effect, MSE on removed patches (mean of {len(mse)}): own caption {own:.4f} | no caption "
-                  f"{none:.4f} | other caption {other:.4f} | own < none in {int((mse[:, 0] < mse[:, 1]).sum())}"
-                  f"/{len(mse)} samples")
+            means = mse.mean(dim=0).tolist()
+            print(f"caption effect, MSE on removed patches (mean of {len(mse)}): own caption {means[0]:.4f} | no "
+                  f"caption {means[1]:.4f} | " + (f"other caption {means[2]:.4f}" if other is not None else
+                                                   "no other caption") +
+                  f" | own < none in {int((mse[:, 0] < mse[:, 1]).sum())}/{len(mse)} samples")
         if "attention" in modes:
             canvas = figure_word_attention(model, tokenizer, batch, view, ctx, samples, args.word)
             written["attention_word"] = save(canvas, path("attention_word.png"), args.true_colour)

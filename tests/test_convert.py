@@ -577,7 +577,7 @@ def test_converted_official_checkpoint_runs_through_every_script(tmp_path, capsy
     assert convert.main(["official", FIXTURE, ckpt, "--tokenizer", vocab]) == 0
     small = ["--train-size", "40", "--test-size", "20", "--epochs", "2", "--batch-size", "16"]
     r = probe.main(["--ckpt", ckpt, *small])
-    assert r["train_size"] == 40 and 0 <= r["top1"] <= 100
+    assert r["train_size"] + r["val_size"] == 40 and 0 <= r["top1"] <= 100
     r = ood.main(["--ckpt", ckpt, *small, "--ood-size", "20"])
     assert all(0 <= s["auroc"] <= 100 for s in r["scores"].values())
     written = viz.main(["--ckpt", ckpt, "--samples", "2", "--out-dir", str(tmp_path / "viz")])

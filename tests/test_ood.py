@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import ood
 from model import M3AE, checkpoint_dict, make_config
@@ -138,8 +139,80 @@ def test_msp_scores():
     with torch.no_grad():
         head.weight.copy_(torch.eye(3, 2) * 10)
         head.bias.zero_()
-    s = ood.msp_scores(head, torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
-    assert s[0] < -0.99 and s[1] == pytest.approx(-1 / 3)  # confident -> low score; uniform -> -1/3
+    s = ood.msp_scores(head, torch.tensor([[1.0, 0.0], [0.0, 0.0], [5.0, 0.0], [6.0, 0.0]]))
+    # minus log max softmax: confident -> near 0 (low score); uniform -> log 3 (high: OOD-like)
+    assert 0 < s[0] < 0.01 and s[1] == pytest.approx(np.log(3))
+    # the same ranking as minus the probability, without its ties at 1.0: max softmax of rows 3 and 4 rounds to 1
+    # in float64, their scores still differ
+    assert s[2] > s[3] > 0
+    assert (torch.tensor([[50.0, 0, 0], [60.0, 0, 0]], dtype=torch.float64).softmax(1)[:, 0] == 1).all()
+
+
+def test_ood_metrics_refuse_empty_or_non_finite_scores():
+    with pytest.raises(ValueError, match="no OOD score"):
+        ood.ood_metrics([0.1, 0.2], [])
+    with pytest.raises(ValueError, match="no in-distribution score"):
+        ood.ood_metrics([], [0.1])
+    with pytest.raises(ValueError, match="1 of 2 OOD scores are not finite"):
+        ood.ood_metrics([0.1, 0.2], [0.3, float("nan")])
+
+
+# --- MSP: the head decides which way it reads ----------------------------------------------------------------
+
+
+def far_and_between(n, kind, seed, C=10, D=32):
+    """In-distribution: C well-separated classes (centre 6 e_k in the first C dims, unit noise in all D). OOD:
+    between the classes (at the mean of the centres) in those dims and shifted by 4 in the other D - C: far from
+    every class and from the training mean (a large ||BN(x)||). Scaled and offset away from zero mean / unit
+    variance (the BatchNorm's job)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.zeros(C, D)
+    centres[:, :C] = 6 * torch.eye(C)
+    x = torch.randn(n, D, generator=g)
+    if kind == "in":
+        y = torch.randint(0, C, (n,), generator=g)
+        x = x + centres[y]
+    else:
+        y = torch.full((n,), -1)
+        x = x + centres.mean(0)
+        x[:, C:] += 4.0
+    return x * 3 + 10, y
+
+
+def test_every_score_separates_well_separated_ood_features(tmp_path, monkeypatch, capsys):
+    # Convention: positive = in-distribution, scores higher = more OOD, AUROC > 50 = better than chance.
+    # The OOD features lie far from every class and from the training mean. A head that barely left its random
+    # init (the old default: LARS at the paper's base lr 0.1, 90 epochs, on a few thousand samples) has logits
+    # ~ w.BN(x) with a small random w: its max softmax grows with ||BN(x)||, so these far-away OOD samples look MORE
+    # confident and MSP's AUROC falls far below 50 (the reports of 27-29 beside Mahalanobis 98). The head fitted
+    # with the lr grid separates the classes, is unsure between them, and MSP reads the right way.
+    import probe
+
+    xtr, ytr = far_and_between(2000, "in", 0)
+    x_in, y_in = far_and_between(500, "in", 1)
+    x_ood, _ = far_and_between(500, "ood", 2)
+    classes = [f"c{k}" for k in range(10)]
+    splits = {"train": probe.Split(xtr, ytr, torch.arange(2000), classes, {}, "train"),
+              "test": probe.Split(x_in, y_in, torch.arange(500), classes, {}, "test"),
+              "ood": probe.Split(x_ood, torch.full((500,), -1), torch.arange(500), None, {}, "ood")}
+    monkeypatch.setattr(probe, "split_features", lambda model, d, which, key=None: splits[which])
+    folders = []
+    for name in ("in/train", "in/test", "far"):  # real folders for the path checks (the features are the above)
+        for c in (classes if name != "far" else ["x"]):
+            (tmp_path / name / c).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / name / c / "0.png")
+        folders.append(str(tmp_path / name))
+    argv = ["--random-init", "--train-dir", folders[0], "--test-dir", folders[1], "--ood-dir", folders[2],
+            "--cache-dir", str(tmp_path / "features")]
+    r = ood.main(argv + ["--out", str(tmp_path / "grid.json")])
+    for score in ("mahalanobis", "relative_mahalanobis", "msp"):
+        assert r["scores"][score]["auroc"] > 90, (score, r["scores"][score])
+    assert r["msp_head"]["test_top1"] > 95 and r["msp_head"]["recipe"]["name"] == "grid"
+    # the cause, pinned: the paper's fixed recipe (the old default on folders) reads these OOD samples as the
+    # most confident ones
+    old = ood.main(argv + ["--recipe", "paper", "--out", str(tmp_path / "paper.json")])
+    assert old["scores"]["msp"]["auroc"] < 50 and old["scores"]["mahalanobis"]["auroc"] > 90
+    assert old["msp_head"]["test_top1"] < 50
 
 
 # --- end to end ---------------------------------------------------------------------------------------
@@ -151,11 +224,13 @@ def test_ood_script_end_to_end(tmp_path, capsys, monkeypatch):
     torch.save(checkpoint_dict(M3AE(make_config("tiny", vocab_size=50))), path)
     r = ood.main(["--ckpt", str(path), "--train-size", "64", "--test-size", "32", "--ood-size", "32",
                   "--epochs", "3", "--batch-size", "16"])
-    assert r["sizes"] == dict(in_train=64, in_test=32, ood=32) and r["classes"] == 10
+    assert r["sizes"] == dict(in_train=64, in_test=32, ood=32, head_fit=58) and r["classes"] == 10
     assert set(r["scores"]) == {"mahalanobis", "relative_mahalanobis", "msp"}
     for m in r["scores"].values():
         assert set(m) == {"auroc", "fpr95", "aupr_in", "aupr_out"} and all(0 <= v <= 100 for v in m.values())
-    assert json.loads((tmp_path / "ood.json").read_text()) == json.loads(json.dumps(r))
+    assert r["msp_head"]["selection"]["val_size"] == 6  # the MSP head's lr chosen on held-out train images
+    strict = lambda c: pytest.fail(f"{c} in the JSON")
+    assert json.loads((tmp_path / "ood_builtin.json").read_text(), parse_constant=strict) == json.loads(json.dumps(r))
     assert "relative_mahalanobis" in capsys.readouterr().out
     # probe.py on the same checkpoint reuses the in-distribution features (one cache, the same keys)
     import probe
@@ -168,3 +243,40 @@ def test_ood_script_end_to_end(tmp_path, capsys, monkeypatch):
     # real data needs all three folders
     with pytest.raises(SystemExit):
         ood.main(["--ckpt", str(path), "--train-dir", str(tmp_path)])
+
+
+def image_folders(root, classes, n=3):
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (16, 16), (60 * i, 120, 200)).save(root / c / f"{i}.png")
+    return root
+
+
+def test_ood_folders_fail_loudly(tmp_path, capsys):
+    torch.manual_seed(0)
+    path = tmp_path / "ckpt.pt"
+    torch.save(checkpoint_dict(M3AE(make_config("tiny", vocab_size=50))), path)
+    train = image_folders(tmp_path / "in" / "train", ["a", "b"])
+    test = image_folders(tmp_path / "in" / "test", ["a", "b"])
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    base = ["--ckpt", str(path), "--train-dir", str(train), "--test-dir", str(test), "--epochs", "2"]
+    for ood_dir, problem in ((tmp_path / "typo", "no such folder"), (empty, "no image files in it or below it")):
+        with pytest.raises(SystemExit) as e:
+            ood.main(base + ["--ood-dir", str(ood_dir)])
+        assert e.value.code == 2 and f"--ood-dir {ood_dir}: {problem}" in capsys.readouterr().err
+    unreadable = tmp_path / "unreadable"
+    unreadable.mkdir()
+    for i in range(4):
+        (unreadable / f"{i}.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(SystemExit) as e:
+        ood.main(base + ["--ood-dir", str(unreadable)])
+    msg = str(e.value.code)
+    assert f"--ood-dir {unreadable}" in msg and "all 4 skipped (corrupt 4)" in msg and "no metric" in msg
+    assert not list(tmp_path.glob("ood*.json"))
+    # a good OOD folder: the result is named by both datasets, and another OOD set does not overwrite it
+    for name in ("far", "other"):
+        image_folders(tmp_path / name, ["x"], n=4)
+        ood.main(base + ["--ood-dir", str(tmp_path / name)])
+    assert sorted(p.name for p in tmp_path.glob("ood*.json")) == ["ood_in_vs_far.json", "ood_in_vs_other.json"]

@@ -124,7 +124,9 @@ def test_feature_cache_hits_and_invalidates_when_the_checkpoint_changes(tmp_path
     cache = tmp_path / "features"
 
     def features(model, data_key="builtin:test:6"):
-        return probe.cached_features(model, probe.weights_hash(model), dataset, data_key, str(cache), batch_size=4)
+        f = probe.cached_features(model, probe.weights_hash(model), dataset, data_key, str(cache), batch_size=4)
+        assert f.index.tolist() == list(range(6)) and f.skipped == {}
+        return f.x, f.y
 
     a = tiny_model(0, depth=1)
     xa, ya = features(a)
@@ -193,21 +195,45 @@ SMALL = ["--train-size", "64", "--test-size", "32", "--epochs", "3", "--batch-si
 
 def test_probe_script_end_to_end(ckpt, capsys):
     r = probe.main(["--ckpt", str(ckpt), *SMALL])
-    assert r["mode"] == "fast" and r["train_size"] == 64 and r["test_size"] == 32 and r["classes"] == 10
-    for k in ("top1", "top5", "knn_top1", "knn_top5", "train_top1"):
+    assert r["mode"] == "fast" and r["classes"] == 10 and r["dataset"] == "builtin"
+    assert r["train_size"] + r["val_size"] == 64 and r["val_size"] == 6 and r["test_size"] == 32  # 0.1 held out
+    for k in ("top1", "top5", "knn_top1", "knn_top5", "train_top1", "val_top1"):
         assert 0.0 <= r[k] <= 100.0
-    assert r["top5"] >= r["top1"] and r["recipe"]["optimizer"] == "lars" and r["recipe"]["base_lr"] == 6.4
+    assert r["top5"] >= r["top1"] and r["recipe"]["optimizer"] == "lars" and r["recipe"]["name"] == "grid"
+    sel = r["selection"]
+    assert [g["base_lr"] for g in sel["grid"]] == sorted(probe.LR_GRID) and r["base_lr"] == sel["chosen_base_lr"]
+    assert r["val_top1"] == max(g["val_top1"] for g in sel["grid"] if g["val_top1"] is not None)
     assert r["pretraining"]["steps"] == 0
-    out = ckpt.parent / "probe_fast.json"
+    out = ckpt.parent / "probe_builtin_fast.json"
     assert json.loads(out.read_text()) == json.loads(json.dumps(r))
     assert len(os.listdir(ckpt.parent / "features")) == 2  # train and test
     assert "linear probe (fast" in capsys.readouterr().out
     # the untrained floor: another file, other features; the same seed gives the same result
     r0 = probe.main(["--ckpt", str(ckpt), "--random-init", "--seed", "1", *SMALL])
     assert r0["random_init"] and r0["model_hash"] != r["model_hash"]
-    assert (ckpt.parent / "probe_fast_random_init.json").exists()
+    assert (ckpt.parent / "probe_builtin_fast_random_init.json").exists()
     assert len(os.listdir(ckpt.parent / "features")) == 4
     assert probe.main(["--ckpt", str(ckpt), "--random-init", "--seed", "1", *SMALL])["top1"] == r0["top1"]
+    # the paper's fixed recipe: its own file, the whole training split, no selection
+    rp = probe.main(["--ckpt", str(ckpt), "--recipe", "paper", *SMALL])
+    assert rp["recipe"]["base_lr"] == 0.1 and rp["selection"] is None and rp["train_size"] == 64
+    assert (ckpt.parent / "probe_builtin_fast_paper.json").exists()
+    colour = probe.main(["--ckpt", str(ckpt), "--label", "colour", *SMALL])
+    assert colour["dataset"] == "builtin_colour" and (ckpt.parent / "probe_builtin_colour_fast.json").exists()
+
+
+def test_quick_probe_is_probe_py_with_the_paper_recipe_at_base_lr_6_4(ckpt):
+    # train.py's quick probe keeps the fixed built-in recipe (LARS, base lr 6.4, the whole training split):
+    # `probe.py --recipe paper --base-lr 6.4` gives the same numbers
+    model, _ = probe.load_encoder(str(ckpt))
+    W = model.config.image_size
+    transform = data.EvalTransform(W, builtin.BUILTIN_MEAN, builtin.BUILTIN_STD, crop_pct=1.0)
+    sets = [data.LabelledDataset(builtin.Builtin(s, n, W), transform) for s, n in (("train", 64), ("test", 32))]
+    accs = probe.quick_probe(model, *sets, seed=0)
+    for label in ("shape", "colour"):
+        r = probe.main(["--ckpt", str(ckpt), "--train-size", "64", "--test-size", "32", "--recipe", "paper",
+                        "--base-lr", "6.4", "--label", label, "--data-level", "easy"])
+        assert r["top1"] == accs[label]
 
 
 def test_probe_full_mode_and_folders(ckpt, tmp_path):
@@ -224,5 +250,276 @@ def test_probe_full_mode_and_folders(ckpt, tmp_path):
     (tmp_path / "train" / "circle" / "bad.jpg").write_bytes(b"not a jpeg")
     r = probe.main(["--ckpt", str(ckpt), "--train-dir", str(tmp_path / "train"), "--test-dir",
                     str(tmp_path / "test"), "--epochs", "2", "--batch-size", "4", "--out", str(tmp_path / "f.json")])
-    assert r["data"] == "folder" and r["classes"] == 2 and r["train_size"] == 12 and r["test_size"] == 6
-    assert r["recipe"]["base_lr"] == 0.1  # the paper's for real data
+    assert r["data"] == "folder" and r["classes"] == 2 and r["train_size"] + r["val_size"] == 12
+    assert r["test_size"] == 6 and r["skipped"]["train"] == {"corrupt": 1}
+    r = probe.main(["--ckpt", str(ckpt), "--train-dir", str(tmp_path / "train"), "--test-dir",
+                    str(tmp_path / "test"), "--epochs", "2", "--batch-size", "4", "--recipe", "paper"])
+    assert r["recipe"]["base_lr"] == 0.1 and r["train_size"] == 12  # the paper's, on the whole training split
+    assert r["dataset"] == str(tmp_path.name) and (ckpt.parent / f"probe_{tmp_path.name}_fast_paper.json").exists()
+    # full mode with the grid: every head on the same augmented batches, validation on the cached centre view
+    r = probe.main(["--ckpt", str(ckpt), "--mode", "full", "--train-dir", str(tmp_path / "train"), "--test-dir",
+                    str(tmp_path / "test"), "--epochs", "1", "--batch-size", "4", "--lr-grid", "0.1", "6.4"])
+    assert r["mode"] == "full" and [g["base_lr"] for g in r["selection"]["grid"]] == [0.1, 6.4]
+
+
+# --- the lr grid -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("optimizer", ["lars", "sgd"])
+def test_grid_heads_are_single_heads_trained_at_once(optimizer):
+    x, y = separable(300)
+    lrs = [0.1, 6.4, 30.0] if optimizer == "lars" else [0.01, 0.1, 1.0]
+    grid = probe.train_grid_on_features(x, y, 10, lrs, epochs=10, batch_size=64, optimizer=optimizer)
+    assert not grid.training and grid.diverged == [False] * 3
+    norms = grid.weight.detach().flatten(1).norm(dim=1)
+    assert norms[2] > 1.3 * norms[0]  # the heads went apart (LARS's per-head trust ratio matters)
+    for i, lr in enumerate(lrs):
+        single = probe.train_head_on_features(x, y, 10, epochs=10, batch_size=64, base_lr=lr, optimizer=optimizer)
+        head = grid.head(i)
+        assert torch.allclose(head[1].weight, single[1].weight, rtol=1e-4, atol=1e-6), lr
+        assert torch.allclose(head[1].bias, single[1].bias, rtol=1e-4, atol=1e-6), lr
+        assert torch.allclose(head[0].running_mean, single[0].running_mean)
+        with torch.no_grad():
+            assert torch.allclose(grid(x)[i], single(x), rtol=1e-4, atol=1e-5)
+
+
+def test_choose_lr_best_validation_top1_ties_to_the_smaller_lr_and_skips_diverged():
+    nan = float("nan")
+    assert probe.choose_lr([10.0, 50.0, 80.0, 80.0, 70.0]) == 2
+    assert probe.choose_lr([nan, 50.0, nan]) == 1 and probe.choose_lr([nan, nan]) is None
+
+
+def features_split(x, y, classes, what="synthetic"):
+    return probe.Split(x, y, torch.arange(len(x)), classes, {}, what)
+
+
+def fake_features(monkeypatch, splits):
+    """probe.split_features returns the given Split per split name instead of running an encoder."""
+    monkeypatch.setattr(probe, "split_features", lambda model, d, which, key=None: splits[which])
+
+
+def class_folders(root, classes, n=1, size=8):
+    """root/<class>/<i>.png for each class: tiny real PNGs (enough for the path checks)."""
+    from PIL import Image
+
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.new("RGB", (size, size), (40 * i % 255, 90, 160)).save(root / c / f"{i}.png")
+    return root
+
+
+def test_grid_picks_the_lr_on_validation_never_on_test(tmp_path, monkeypatch):
+    # Features where the best lr on test is another than on validation: the test labels are what a head of
+    # another lr predicts. A probe that chose on test would report 100%; ours keeps the validation choice.
+    xtr, ytr = separable(600, dim=16)
+    noise = torch.randn(xtr.shape, generator=torch.Generator().manual_seed(5)) * 120  # overlapping classes
+    xtr = xtr + noise
+    classes = [f"c{k}" for k in range(10)]
+    fit, val = probe.stratified_split(ytr, 0.1, 0)
+    lrs = [0.03, 1.0, 30.0]
+    grid = probe.train_grid_on_features(xtr[fit], ytr[fit], 10, lrs)
+    val_top1, _ = probe.grid_scores(grid, xtr[val], ytr[val])
+    best = probe.choose_lr(val_top1.tolist())
+    other = next(i for i in range(3) if val_top1[i] < val_top1[best])  # a head validation ranks lower
+    xte = separable(300, dim=16, seed=7)[0]
+    with torch.no_grad():
+        yte = grid(xte)[other].argmax(1)  # test labels = that head's predictions: it is 100% right on test
+    fake_features(monkeypatch, {"train": features_split(xtr, ytr, classes), "test": features_split(xte, yte, classes)})
+    argv = ["--random-init", "--lr-grid", *map(str, lrs), "--out", str(tmp_path / "r.json")]
+    r = probe.main(argv)
+    assert r["base_lr"] == lrs[best] != lrs[other]
+    assert r["val_top1"] == pytest.approx(val_top1[best].item()) and r["top1"] < 100.0
+    with torch.no_grad():
+        assert r["top1"] == pytest.approx(100.0 * (grid(xte)[best].argmax(1) == yte).float().mean().item())
+
+
+def imbalanced_separable(counts, dim=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(len(counts), dim, generator=torch.Generator().manual_seed(123)) * 3
+    y = torch.cat([torch.full((n,), k) for k, n in enumerate(counts)])
+    return (centres[y] + 0.5 * torch.randn(len(y), dim, generator=g)) * 40 + 100, y
+
+
+def test_grid_separates_what_the_papers_recipe_collapses_to_the_majority_class(tmp_path, monkeypatch):
+    # A few hundred samples, imbalanced: at the paper's base lr 0.1 (90 one-batch epochs) only the bias moves,
+    # and the head predicts the majority class for everything; the grid finds an lr that separates the classes.
+    counts = [int(120 * 0.6 ** k) + 4 for k in range(8)]
+    xtr, ytr = imbalanced_separable(counts)
+    xte, yte = imbalanced_separable([30] * 8, seed=1)
+    classes = [f"c{k}" for k in range(8)]
+    fake_features(monkeypatch, {"train": features_split(xtr, ytr, classes), "test": features_split(xte, yte, classes)})
+    paper = probe.main(["--random-init", "--recipe", "paper", "--out", str(tmp_path / "p.json")])
+    assert paper["top1"] == pytest.approx(paper["majority_share"]) == pytest.approx(100 / 8)
+    grid = probe.main(["--random-init", "--out", str(tmp_path / "g.json")])
+    assert grid["top1"] > 95.0 and grid["val_top1"] > 95.0
+
+
+def solid_colour_folders(root, train_counts, test_count, seed=0):
+    """An ImageFolder pair of real PNGs: class k = noisy images of one colour (separable even for an untrained
+    encoder), train counts as given (imbalanced), test_count per class."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(30, 226, size=(len(train_counts), 3))
+    for split, counts in (("train", train_counts), ("test", [test_count] * len(train_counts))):
+        for k, n in enumerate(counts):
+            (root / split / f"c{k}").mkdir(parents=True)
+            for i in range(n):
+                px = np.clip(colours[k] + rng.normal(0, 25, size=(32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(px).save(root / split / f"c{k}" / f"{i}.png")
+    return root / "train", root / "test"
+
+
+def test_small_imbalanced_folder_the_grid_beats_the_majority_share_the_paper_recipe_gives(tmp_path):
+    train_dir, test_dir = solid_colour_folders(tmp_path / "solid", [int(80 * 0.6 ** k) + 3 for k in range(8)], 15)
+    argv = ["--random-init", "--train-dir", str(train_dir), "--test-dir", str(test_dir), "--cache-dir",
+            str(tmp_path / "features")]
+    paper = probe.main(argv + ["--recipe", "paper", "--out", str(tmp_path / "p.json")])
+    assert paper["top1"] == pytest.approx(paper["majority_share"])  # everything predicted as the majority class
+    assert paper["knn_top1"] > 90.0  # while the features separate the classes
+    grid = probe.main(argv + ["--out", str(tmp_path / "g.json")])
+    assert grid["top1"] > 90.0 and grid["train_size"] + grid["val_size"] == paper["train_size"]
+    # --train-size on a folder: a seeded stratified subset (class shares kept)
+    sub = probe.main(argv + ["--train-size", "100", "--out", str(tmp_path / "s.json")])
+    assert sub["train_size"] + sub["val_size"] == 100
+
+
+# --- splits and subsets ------------------------------------------------------------------------------------
+
+
+def test_stratified_pick_and_split_keep_class_shares():
+    y = torch.tensor([0] * 50 + [1] * 30 + [2] * 15 + [3] * 4 + [4] * 1)
+    picked = probe.stratified_pick(y, 20, seed=0)
+    assert len(picked) == 20 and y[picked].bincount(minlength=5).tolist() == [10, 6, 3, 1, 0]
+    assert torch.equal(picked, probe.stratified_pick(y, 20, seed=0))  # seeded
+    assert not torch.equal(picked, probe.stratified_pick(y, 20, seed=1))
+    fit, val = probe.stratified_split(y, 0.1, seed=0)
+    assert len(val) == 10 and sorted(fit.tolist() + val.tolist()) == list(range(100))
+    assert y[val].bincount(minlength=5).tolist() == [5, 3, 2, 0, 0]  # 0.1 x counts, largest remainder first
+    assert y[fit].bincount(minlength=5).min() >= 1  # every class keeps a training sample (the single 4 too)
+
+
+# --- fail loudly -------------------------------------------------------------------------------------------
+
+
+def error_line(capsys, argv, main=probe.main, code=2):
+    """Run main(argv), expect SystemExit(code) (2: argparse's error), return the message."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    if code == 2:
+        assert e.value.code == 2
+        return capsys.readouterr().err.strip().splitlines()[-1]
+    return str(e.value.code)
+
+
+def test_path_flags_are_checked_before_any_work(tmp_path, capsys, ckpt):
+    good = class_folders(tmp_path / "good", ["a", "b"])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    no_images = tmp_path / "noimg"
+    (no_images / "a").mkdir(parents=True)
+    (no_images / "a" / "notes.txt").write_text("not an image")
+    a_file = tmp_path / "file.png"
+    a_file.write_bytes(b"x")
+    base = ["--ckpt", str(ckpt)]
+    cases = [
+        (["--ckpt", str(tmp_path / "nope.pt")], "--ckpt", "no such file"),
+        (["--ckpt", str(tmp_path)], "--ckpt", "is a folder"),
+        (base + ["--train-dir", str(tmp_path / "missing"), "--test-dir", str(good)], "--train-dir", "no such folder"),
+        (base + ["--train-dir", str(a_file), "--test-dir", str(good)], "--train-dir", "not a folder"),
+        (base + ["--train-dir", str(empty), "--test-dir", str(good)], "--train-dir", "no class sub-folders"),
+        (base + ["--train-dir", str(good), "--test-dir", str(no_images)], "--test-dir", "no image files"),
+        (base + ["--train-dir", str(good), "--test-dir", str(good), "--val-dir", str(empty)], "--val-dir",
+         "no class sub-folders"),
+        (base + ["--train-dir", str(good), "--test-dir", str(good), "--train-size", "3"], "--train-size",
+         "more than the 2 image files"),
+    ]
+    for argv, flag, problem in cases:
+        line = error_line(capsys, argv)
+        value = argv[argv.index(flag) + 1]
+        assert f"{flag} {value}: {problem}" in line, (line, flag, problem)
+    assert not (ckpt.parent / "features").exists()  # nothing was extracted
+
+
+def test_class_mismatch_names_the_classes_that_differ(tmp_path, capsys, ckpt):
+    train = class_folders(tmp_path / "tr", ["cat", "dog", "fox"])
+    test = class_folders(tmp_path / "te", ["cat", "dog", "owl"])
+    line = error_line(capsys, ["--ckpt", str(ckpt), "--train-dir", str(train), "--test-dir", str(test)])
+    assert f"--test-dir {test}: class folders differ from --train-dir's" in line
+    assert "missing from test: fox" in line and "extra in test: owl" in line
+    val = class_folders(tmp_path / "va", ["cat"])
+    line = error_line(capsys, ["--ckpt", str(ckpt), "--train-dir", str(train), "--test-dir", str(train),
+                               "--val-dir", str(val)])
+    assert "missing from val: dog, fox" in line and "extra" not in line
+
+
+def test_all_unreadable_folder_is_an_error_naming_it_and_the_skips(tmp_path, ckpt):
+    good = class_folders(tmp_path / "good", ["a", "b"], n=4)
+    bad = tmp_path / "bad"
+    for c in ("a", "b"):
+        (bad / c).mkdir(parents=True)
+        for i in range(3):
+            (bad / c / f"{i}.jpg").write_bytes(b"not a jpeg")
+    (bad / "a" / "empty.png").write_bytes(b"")
+    out = tmp_path / "r.json"
+    for train, test in ((bad, good), (good, bad)):
+        with pytest.raises(SystemExit) as e:
+            probe.main(["--ckpt", str(ckpt), "--train-dir", str(train), "--test-dir", str(test), "--out", str(out)])
+        msg = str(e.value.code)
+        assert str(bad) in msg and "all 7 skipped" in msg and "corrupt 6" in msg and "empty_file 1" in msg
+        assert "\n" not in msg and not out.exists()
+    assert not any("bad" in str(p) for p in (ckpt.parent / "features").glob("*"))  # nothing empty cached
+
+
+def test_result_json_never_holds_nan(tmp_path):
+    path = tmp_path / "r.json"
+    with pytest.raises(SystemExit, match=r"not writing .*result.scores.msp.auroc is nan"):
+        probe.write_result({"scores": {"msp": {"auroc": float("nan")}}}, str(path))
+    with pytest.raises(SystemExit, match=r"result.grid\[1\] is inf"):
+        probe.write_result({"grid": [1.0, float("inf")]}, str(path))
+    assert not path.exists()
+    probe.write_result({"top1": 50.0, "val": None}, str(path))
+    assert json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON")) == {"top1": 50.0,
+                                                                                                   "val": None}
+    with pytest.raises(ValueError):
+        probe.topk_accuracy(torch.zeros(0, 3), torch.zeros(0, dtype=torch.int64))
+
+
+def test_result_files_are_named_by_dataset_and_the_head_can_be_saved(tmp_path, ckpt):
+    for name, colour_seed in (("shapes_a", 0), ("shapes_b", 1)):
+        train, test = solid_colour_folders(tmp_path / name, [6, 6], 3, seed=colour_seed)
+        r = probe.main(["--ckpt", str(ckpt), "--train-dir", str(train), "--test-dir", str(test), "--epochs", "3",
+                        "--save-head", str(tmp_path / f"{name}_head.pt")])
+        assert r["dataset"] == name
+    files = sorted(p.name for p in ckpt.parent.glob("probe_*.json"))
+    assert files == ["probe_shapes_a_fast.json", "probe_shapes_b_fast.json"]  # the second did not overwrite
+    saved = torch.load(tmp_path / "shapes_b_head.pt", weights_only=True)
+    head = probe.make_head(r["feature_dim"], 2)
+    head.load_state_dict(saved["head"])
+    assert saved["classes"] == ["c0", "c1"] and saved["recipe"]["base_lr"] == r["base_lr"]
+    assert probe.folder_name("/data/imagenet/train") == "imagenet" and probe.folder_name("/x/my set/") == "my_set"
+
+
+def test_help_strings_read_right_with_the_default_appended():
+    import argparse
+
+    import ood
+    import viz
+
+    for module in (probe, ood, viz):
+        parser = module.build_parser()
+        assert isinstance(parser.formatter_class, type) and issubclass(
+            parser.formatter_class, argparse.ArgumentDefaultsHelpFormatter)  # util.make_parser's
+        for action in parser._actions:
+            text = action.help
+            if action.dest == "help":
+                continue
+            where = (module.__name__, action.option_strings[0], text)
+            assert text, where
+            # the formatter appends "(default: X)": a help text must not state a default of its own besides
+            assert "(default" not in text and "default:" not in text and "default " not in text, where
+            if action.default is None:  # "(default: None)" follows: the text says what not giving it means
+                assert "if not given" in text, where
+        assert "(default: None)" not in parser.format_help()  # util.HelpFormatter shows value defaults only

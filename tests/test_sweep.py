@@ -13,12 +13,12 @@ def test_table_aggregates_seeds_and_checks_orderings(tmp_path):
 
     for seed in (0, 1, 2):
         for variant, top1 in (("m3ae", 50 + seed), ("mae", 40 + 2 * seed), ("text015", 55)):
-            write(f"{variant}_s{seed}", "probe_fast.json", {"top1": top1, "knn_top1": top1 - 5})
+            write(f"{variant}_s{seed}", "probe_builtin_fast.json", {"top1": top1, "knn_top1": top1 - 5})
             if variant != "text015":  # the colour probe's file is read into *_colour columns when it is there
-                write(f"{variant}_s{seed}", "probe_fast_colour.json", {"top1": top1 + 20, "knn_top1": top1 + 10})
-            write(f"{variant}_s{seed}", "ood.json", {"scores": {s: {"auroc": 60.0 + seed} for s in
+                write(f"{variant}_s{seed}", "probe_builtin_colour_fast_paper.json", {"top1": top1 + 20, "knn_top1": top1 + 10})
+            write(f"{variant}_s{seed}", "ood_builtin.json", {"scores": {s: {"auroc": 60.0 + seed} for s in
                                                                 ("mahalanobis", "relative_mahalanobis", "msp")}})
-        write(f"m3ae_s{seed}", "probe_fast_random_init.json", {"top1": 20, "knn_top1": 15})
+        write(f"m3ae_s{seed}", "probe_builtin_fast_random_init.json", {"top1": 20, "knn_top1": 15})
     runs = sweep.main([str(tmp_path)])
     assert set(runs) == {"m3ae", "mae", "text015", "random"} and runs["random"][2]["top1"] == 20
     table = (tmp_path / "table.md").read_text()
@@ -54,8 +54,8 @@ def test_sweep_script_runs_jobs_in_parallel_and_writes_the_table(tmp_path):
         assert (tmp_path / "sweep" / "logs" / f"{name}.log").stat().st_size > 0
     table = (tmp_path / "sweep" / "table.md").read_text()
     assert "| M3AE (text mask 0.75, 100% paired) | 1 |" in table and "| random-init encoder (floor) | 1 |" in table
-    for name in ("m3ae_s0/probe_fast_colour.json", "mae_s0/probe_fast_colour.json",
-                 "m3ae_s0/probe_fast_colour_random_init.json"):  # both labels are probed, the floor included
+    for name in ("m3ae_s0/probe_builtin_colour_fast.json", "mae_s0/probe_builtin_colour_fast.json",
+                 "m3ae_s0/probe_builtin_colour_fast_random_init.json"):  # both labels are probed, the floor included
         assert (tmp_path / "sweep" / name).exists(), name
 
     res = subprocess.run(["bash", os.path.join(root, "sweep.sh")], env={**env, "VARIANTS": "m3ae",

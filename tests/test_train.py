@@ -85,12 +85,13 @@ def test_smoke_run_writes_everything_and_probes(tmp_path):
     # the quick probe is probe.py's fast mode: the same number from the same checkpoint, images and seed
     import probe
 
-    full = probe.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--train-size", "64", "--test-size", "32"])
+    paper = ["--recipe", "paper", "--base-lr", "6.4"]  # the quick probe's recipe (probe.quick_probe)
+    full = probe.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--train-size", "64", "--test-size", "32", *paper])
     assert full["top1"] == result["probe_top1"]
     colour = probe.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--train-size", "64", "--test-size", "32",
-                         "--label", "colour"])
+                         "--label", "colour", *paper])
     assert colour["top1"] == result["probe_top1_colour"] and colour["classes"] == 11
-    assert (tmp_path / "probe_fast_colour.json").exists()
+    assert (tmp_path / "probe_builtin_colour_fast_paper.json").exists()
     assert math.isfinite(result["text_ce_own_image"]) and math.isfinite(result["text_ce_other_image"])
     for name in ("ckpt.pt", "config.json", "log.jsonl", "tokenizer.model", "probe.json"):
         assert (tmp_path / name).exists(), name

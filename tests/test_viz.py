@@ -69,7 +69,7 @@ def test_each_mode_writes_a_png_of_its_layout_size(run, loaded, tmp_path, mode, 
             assert len(im.getcolors(1 << 16) or range(1 << 16)) > 10  # drawn on, not a blank canvas
 
 
-def test_image_and_caption_flags_and_default_out_dir(run, tmp_path):
+def test_image_and_caption_flags_and_default_out_dir(run, tmp_path, capsys):
     # a non-square photo-sized PNG: resized and centre-cropped to the model's 64 px
     builtin.Builtin("test", 3)[2]["image"].resize((120, 90)).save(tmp_path / "mine.png")
     argv = ["--ckpt", str(run / "ckpt.pt"), "--image", str(tmp_path / "mine.png"), "--caption", "a red circle",
@@ -85,6 +85,10 @@ def test_image_and_caption_flags_and_default_out_dir(run, tmp_path):
         assert im.size == viz.recon_layout(1, 128).size and im.mode == "RGB"  # --true-colour: no palette
     with Image.open(written["attention_patch"]) as im:
         assert im.size == viz.patch_layout(n_words, 128, model.config.depth).size
+    # a single --image and no --other-caption: no other caption (not a built-in one), and the run says so
+    assert "no 'other caption' column" in capsys.readouterr().out
+    with Image.open(written["caption"]) as im:
+        assert im.size == viz.caption_layout(1, 128, other=False).size != viz.caption_layout(1, 128).size
     with pytest.raises(SystemExit):
         viz.main(argv[:2] + ["--caption", "no image"])
     with pytest.raises(SystemExit):
@@ -190,3 +194,35 @@ def test_caption_words_and_pick_word(loaded):
     tiny = make_config("tiny", image_size=64)  # 64 px, 8 px patches: an 8 x 8 grid
     assert viz.default_patch(dict(box=(40, 8, 56, 24)), tiny) == (2, 6)  # the box's centre (48, 16) px
     assert viz.default_patch(dict(box=None), tiny) == (4, 4)
+
+
+def test_other_caption_comes_from_the_users_data(run, tmp_path, capsys):
+    samples = [dict(caption="a red circle", label=None), dict(caption="a blue square", label=None)]
+    assert viz.other_captions(samples) == ["a blue square", "a red circle"]  # the next --image's caption
+    assert viz.other_captions(samples[:1]) is None  # a single sample: none, never a built-in caption
+    assert viz.other_captions(samples[:1], "a cat") == ["a cat"]
+    for i, caption in enumerate(["a red circle", "a blue square"]):
+        builtin.Builtin("test", 2)[i]["image"].save(tmp_path / f"{i}.png")
+    argv = ["--ckpt", str(run / "ckpt.pt"), "--mode", "caption", "--out-dir", str(tmp_path / "out"),
+            "--image", str(tmp_path / "0.png"), "--caption", "a red circle",
+            "--image", str(tmp_path / "1.png"), "--caption", "a blue square"]
+    written = viz.main(argv)
+    assert "other caption" in capsys.readouterr().out
+    with Image.open(written["caption"]) as im:
+        assert im.size == viz.caption_layout(2, 256).size
+
+
+def test_path_flags_fail_loudly(run, tmp_path, capsys):
+    ckpt = str(run / "ckpt.pt")
+    (tmp_path / "notes.txt").write_text("x")
+    cases = [(["--ckpt", str(tmp_path / "nope.pt")], "--ckpt", "no such file"),
+             (["--ckpt", str(tmp_path)], "--ckpt", "is a folder"),
+             (["--ckpt", ckpt, "--tokenizer", str(tmp_path / "tok.model")], "--tokenizer", "no such file"),
+             (["--ckpt", ckpt, "--image", str(tmp_path / "cat.jpg")], "--image", "no such file"),
+             (["--ckpt", ckpt, "--image", str(tmp_path / "notes.txt")], "--image", "not an image file name")]
+    for argv, flag, problem in cases:
+        with pytest.raises(SystemExit) as e:
+            viz.main(argv + ["--out-dir", str(tmp_path / "out")])
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert e.value.code == 2 and f"{flag} {argv[argv.index(flag) + 1]}: {problem}" in line, line
+    assert not (tmp_path / "out").exists()
