@@ -25,6 +25,16 @@ from data import PAD_ID, UNK_ID, caption_text
 MAX_TOKENIZER_CAPTIONS = 2_000_000  # a tokenizer is trained on at most the first 2M captions
 
 
+def padded(ids, text_len):
+    """ids (at most text_len of them) -> (ids (text_len,) int64 padded with PAD_ID, padding mask (text_len,) bool,
+    True = pad): the one layout both tokenizers return."""
+    out = torch.full((text_len,), PAD_ID, dtype=torch.int64)
+    out[: len(ids)] = torch.tensor(ids, dtype=torch.int64)
+    pad = torch.ones(text_len, dtype=torch.bool)
+    pad[: len(ids)] = False
+    return out, pad
+
+
 class Tokenizer:
     """sentencepiece BPE, trained on the run's captions: pad id 0, unk id 1, no bos/eos (the official BERT
     tokenizer adds no [CLS]/[SEP] either). Case-folded like bert-base-uncased (nmt_nfkc_cf). BPE, not
@@ -105,11 +115,7 @@ class Tokenizer:
         model cannot encode (emoji, unseen scripts) become UNK_ID."""
         text = caption_text(caption)
         ids = self.sp.encode(text)[:text_len] if text.strip() else []
-        out = torch.full((text_len,), PAD_ID, dtype=torch.int64)
-        out[: len(ids)] = torch.tensor(ids, dtype=torch.int64)
-        pad = torch.ones(text_len, dtype=torch.bool)
-        pad[: len(ids)] = False
-        return out, pad
+        return padded(ids, text_len)
 
     def decode(self, ids):
         """ids (sequence or tensor) -> str, ignoring PAD_ID."""
@@ -282,11 +288,7 @@ class WordPiece:
         or text with nothing BERT keeps -> all padding. A literal '[PAD]' inside a caption is id 0 but not
         padding, exactly as in the official pipeline."""
         ids = [self.vocab[t] for t in self.tokenize(caption)[:text_len]]
-        out = torch.full((text_len,), PAD_ID, dtype=torch.int64)
-        out[: len(ids)] = torch.tensor(ids, dtype=torch.int64)
-        pad = torch.ones(text_len, dtype=torch.bool)
-        pad[: len(ids)] = False
-        return out, pad
+        return padded(ids, text_len)
 
     def decode(self, ids):
         """ids -> str, ignoring PAD_ID: pieces joined by spaces, '##' continuations glued to the piece before
