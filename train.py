@@ -155,6 +155,8 @@ def get_args(argv=None):
                 args.resume_notes = rundir.merge_resume_args(args, set(args.given), recorded)
             except rundir.RunDirError as e:
                 p.error(str(e))
+            if "lr" in args.given or "base_lr" in args.given:  # one of the two sets the peak: the new one wins
+                args.base_lr, args.lr = (None, args.lr) if "lr" in args.given else (args.base_lr, None)
     check_args(p, args)
     return args
 
@@ -267,7 +269,7 @@ def model_config(args, vocab_size, init_config=None):
     return make_config(args.preset, **overrides)
 
 
-def load_init(args):
+def load_init(args, write=True):
     """--init-from: the checkpoint to start from (e.g. the official weights through convert.py), and the tokenizer
     it brings (--tokenizer wins), written into OUT_DIR so that a --resume finds it. Returns the checkpoint."""
     try:
@@ -275,8 +277,9 @@ def load_init(args):
         tok = checkpoint_tokenizer(init, args.init_from, args.tokenizer)  # refuses one larger than the model's
         if not args.tokenizer:
             args.tokenizer = os.path.join(args.out_dir, rundir.TOKENIZER if tok.kind == "sentencepiece" else "vocab.txt")
-            with open(args.tokenizer, "wb") as f:
-                f.write(tok.to_bytes())
+            if write:  # rank 0 only; the other ranks read it after the barrier
+                with open(args.tokenizer, "wb") as f:
+                    f.write(tok.to_bytes())
     except Exception as e:
         build_parser().error(f"argument --init-from: {args.init_from}: {str(e).splitlines()[0] if str(e) else e!r}")
     return init
@@ -613,7 +616,7 @@ def main(argv=None):
     lock = claim_out_dir(args) if env.master else None
     if env.ddp and not env.master:
         dist.barrier()  # rank 0 trains (or loads) the tokenizer first; the others then load its file
-    init = load_init(args) if args.init_from else None
+    init = load_init(args, write=env.master) if args.init_from else None
     init_config = init["config"] if init else None
     geometry = model_config(args, 1, init_config)  # image size and text length before the tokenizer exists
     tokenizer, dataset, probe_sets, norm = build_data(args, geometry.image_size, geometry.text_len, init and (
