@@ -76,7 +76,7 @@ step() {  # step NAME LIMIT command...: run under a time limit if it fits in the
     local rc=$?
     echo "--- $name rc=$rc ($(date -u +%T))"
     tail -n 4 "$OUT/$name.log"
-    local lines='^bench:|^  step|^input pipeline|^profile:|^\{"step"|^heads|^  (every|removed)'
+    local lines='^torch |^NVIDIA|^name, |^bench:|^  step|^input pipeline|^profile:|^\{"step"|^heads|^  (every|removed)'
     { echo "## $name (rc $rc): $*"; grep -E "$lines" "$OUT/$name.log"
       sed -n '/^| op class/,/^$/p' "$OUT/$name.log"; echo; } >>"$OUT/summary.md"
 }
