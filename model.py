@@ -56,7 +56,8 @@ class M3AEConfig:
     image_loss_weight: float = 1.0
     text_loss_weight: float = 0.5  # official README's command uses 0.5 (its code default is 0.1)
     norm_pix_loss: bool = False  # False: raw (dataset-normalised) pixels as the paper; True: mae's per-patch norm
-    # runtime: "auto" (Triton kernel on CUDA, SDPA elsewhere), "triton", "sdpa" or "math"
+    # runtime: "auto" (attention_impl: SDPA off CUDA; on CUDA our Triton kernel where it measured faster), "triton",
+    # "sdpa" or "math"
     attn_impl: str = "auto"
 
     @property
@@ -146,22 +147,51 @@ def attention_weights(q, k, key_padding_mask=None):
     return weights
 
 
-def attention(q, k, v, key_padding_mask=None, impl="sdpa"):
+# What impl="auto" runs on CUDA, from the H200 measurements of 2026-11-26 (docs/gpu_2026-11-26, kernels/README.md:
+# batch 256, bf16, forward + backward of one attention call, ours against SDPA with the same mask):
+#   * launches captured (torch.compile, CUDA graphs): ours won at both of M3AE's shapes, the encoder's 81 tokens
+#     (D 64; 0.53x SDPA's time) and the decoder's 321 (D 32; 0.39x), and the whole compiled base step took
+#     74.1 ms against 90.2 ms;
+#   * eager: each call of ours costs ~0.9 ms of Python launch work (autotuner lookup, two Triton launchers),
+#     which the GPU work hides only at the decoder's size: encoder 2.40x SDPA's time (3.5x without a mask),
+#     decoder 0.40x (0.78x without a mask).
+# So eager calls use our kernel only for sequences of at least EAGER_TRITON_MIN_SEQ keys. The two measured points
+# bracket the cross-over (81 lost, 321 won, with and without a mask); 256 is the decoder's lower end (1 + 256
+# patches at 256 px) and keeps every encoder shape (at most 1 + 64 + 16 = 81 tokens) on SDPA. Lengths between 81
+# and 321 were not measured.
+EAGER_TRITON_MIN_SEQ = 256
+
+
+def attention_impl(device_type, launch_free, seq_len, head_dim):
+    """impl="auto"'s choice, "triton" or "sdpa". device_type: "cuda", "cpu", ...; launch_free: the call is being
+    traced by torch.compile or captured in a CUDA graph (no per-call Python launch cost); seq_len: keys per
+    sample; head_dim: per head (the kernel takes 16, 32, 64 and 128; huge's 80 stays on SDPA)."""
+    if device_type != "cuda":
+        return "sdpa"  # off CUDA the kernel only runs in Triton's interpreter (tests)
+    from kernels import HEAD_DIMS  # imported lazily: Triton is only needed on CUDA
+
+    if head_dim not in HEAD_DIMS:
+        return "sdpa"
+    return "triton" if launch_free or seq_len >= EAGER_TRITON_MIN_SEQ else "sdpa"
+
+
+def attention(q, k, v, key_padding_mask=None, impl="sdpa", never_empty=False):
     """Multi-head attention with an optional key-padding mask: one function, three implementations.
 
     q: (B, nh, Tq, hs); k, v: (B, nh, Tk, hs); key_padding_mask: (B, Tk) bool, True = padding (hidden as
     a key) or None. Returns (B, nh, Tq, hs). A query whose keys are all padding gets zeros (never NaN); in
     the model this cannot happen because CLS is always a visible key.
     impl: "math" (readable reference: attention_weights @ v), "sdpa" (torch's scaled_dot_product_attention),
-    "triton" (our fused kernel in kernels/), "auto" (triton on CUDA when the kernel supports the head dim,
-    sdpa otherwise). Only "math" forms the weights; M3AE.attention_maps reads them through attention_weights.
+    "triton" (our fused kernel in kernels/), "auto" (attention_impl's choice for this device, sequence length
+    and head dim). Only "math" forms the weights; M3AE.attention_maps reads them through attention_weights.
+    never_empty=True: the caller guarantees that every sample has a visible key (M3AE: CLS is never padding), so
+    "sdpa" skips its guard against all-padding rows (un-hide their keys, then zero their output: one more pass
+    over the output in the forward and one in the backward). The other paths need no guard.
     """
     if impl == "auto":
-        impl = "sdpa"
-        if q.is_cuda:
-            from kernels import HEAD_DIMS  # imported lazily: Triton is only needed on CUDA
-
-            impl = "triton" if q.size(-1) in HEAD_DIMS else "sdpa"  # e.g. huge's head dim 80 falls back to SDPA
+        # traced by torch.compile, or captured into a CUDA graph: Python launches no kernel at run time
+        launch_free = torch.compiler.is_compiling() or (q.is_cuda and torch.cuda.is_current_stream_capturing())
+        impl = attention_impl(q.device.type, launch_free, k.size(-2), q.size(-1))
     if impl == "triton":
         from kernels import masked_attention  # imported lazily: Triton is only needed on this path
 
@@ -171,7 +201,7 @@ def attention(q, k, v, key_padding_mask=None, impl="sdpa"):
     if impl != "sdpa":
         raise ValueError(f"unknown attention impl {impl!r}; choose auto, triton, sdpa or math")
     empty_rows = None
-    if key_padding_mask is not None:
+    if key_padding_mask is not None and not never_empty:
         key_padding_mask, empty_rows = _unhide_empty_rows(key_padding_mask)
     attn_mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]  # True = attend
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, nh, Tq, hs)
@@ -200,7 +230,8 @@ class SelfAttention(nn.Module):
     def forward(self, x, key_padding_mask=None, impl="sdpa"):
         B, S, D = x.shape
         q, k, v = self.heads(x)  # (B, nh, S, hs) each
-        y = attention(q, k, v, key_padding_mask, impl)  # (B, nh, S, hs)
+        # never_empty: every sequence M3AE builds starts with CLS, which is never padding
+        y = attention(q, k, v, key_padding_mask, impl, never_empty=True)  # (B, nh, S, hs)
         return self.proj(y.transpose(1, 2).reshape(B, S, D))  # heads side by side again: (B, S, D)
 
 
@@ -293,6 +324,12 @@ def random_masking(batch_size, length, mask_ratio, noise=None, device=None):
 def gather_tokens(x, ids):
     """x: (B, L, D), ids: (B, K) -> (B, K, D)."""
     return x.gather(1, ids[:, :, None].expand(-1, -1, x.size(-1)))
+
+
+def removed_ids(mask, n_removed):
+    """The removed positions of each row, in ascending order: mask (B, L) float, 1 = removed, exactly n_removed
+    ones per row (as random_masking draws it) -> (B, n_removed) int64. A stable sort puts the kept zeros first."""
+    return mask.argsort(dim=1, stable=True)[:, mask.size(1) - n_removed :]
 
 
 def unshuffle(kept, mask_token, ids_restore):
@@ -459,8 +496,17 @@ class M3AE(nn.Module):
     # --- decoder ----------------------------------------------------------------------------------
 
     def forward_decoder(self, enc):
+        """Decode, then apply each head to every token. Returns (image_pred (B, N, p*p*C) or None,
+        text_logits (B, T, V) or None)."""
+        x_img, x_txt = self.decode(enc)
+        image_pred = self.image_head(x_img) if x_img is not None else None  # (B, N, p*p*C)
+        text_logits = self.text_head(x_txt) if x_txt is not None else None  # (B, T, V)
+        return image_pred, text_logits
+
+    def decode(self, enc):
         """Re-insert mask tokens, unshuffle, add decoder positions and types, decode [CLS, all patches,
-        all text slots]. Returns (image_pred (B, N, p*p*C) or None, text_logits (B, T, V) or None)."""
+        all text slots]. Returns the decoder's output per modality, before the heads: (x_img (B, N, Dd) or None,
+        x_txt (B, T, Dd) or None)."""
         c = self.config
         x = self.decoder_embed(enc["x"])  # (B, 1 + kept, Dd): one projection for CLS, image and text
         B = x.size(0)
@@ -481,9 +527,7 @@ class M3AE(nn.Module):
             pads.append(enc["text_padding_mask"])  # the decoder hides every padding slot (as official)
         x = self.decoder(torch.cat(xs, dim=1), torch.cat(pads, dim=1) if has_text else None, self._impl())
         x = x[:, 1:]  # (B, N [+ T], Dd): the decoder's CLS output is discarded
-        image_pred = self.image_head(x[:, :n_img]) if n_img else None  # (B, N, p*p*C)
-        text_logits = self.text_head(x[:, n_img:]) if has_text else None  # (B, T, V)
-        return image_pred, text_logits
+        return (x[:, :n_img] if n_img else None), (x[:, n_img:] if has_text else None)
 
     # --- loss and forward -------------------------------------------------------------------------
 
@@ -497,11 +541,46 @@ class M3AE(nn.Module):
             text_logits, text, enc["text_mask"], enc["text_padding_mask"])
         return dict(loss=c.image_loss_weight * l_img + c.text_loss_weight * l_txt, image_loss=l_img, text_loss=l_txt)
 
-    def forward(self, images=None, text=None, text_padding_mask=None, image_noise=None, text_noise=None):
+    def forward_loss_removed(self, images, text, enc, x_img, x_txt):
+        """forward_loss's value with each head applied only to the removed tokens, the only ones the loss reads
+        (a quarter fewer head rows at mask 0.75, and no (B, T, V) logits for the kept text slots). x_img, x_txt:
+        decode's outputs. The removed count per row is fixed by the config, so every shape is static (no host
+        sync, one torch.compile graph); removed padding slots are still evaluated, at weight 0, as in text_loss.
+        Equal to forward_loss up to float rounding (summation order): tests/test_model.py."""
+        c = self.config
+        zero = enc["x"].new_zeros((), dtype=torch.float32)
+        l_img = l_txt = zero
+        if x_img is not None:
+            N = x_img.size(1)
+            ids = removed_ids(enc["image_mask"], N - num_kept(N, c.image_mask_ratio))  # (B, M)
+            pred = self.image_head(gather_tokens(x_img, ids))  # (B, M, p*p*C)
+            target = gather_tokens(patchify(images, c.patch_size), ids)  # (B, M, p*p*C)
+            l_img = image_loss(pred, target, torch.ones(ids.shape, device=ids.device), c.norm_pix_loss)
+        if x_txt is not None:
+            T = x_txt.size(1)
+            ids = removed_ids(enc["text_mask"], T - num_kept(T, c.text_mask_ratio))  # (B, M)
+            logits = self.text_head(gather_tokens(x_txt, ids))  # (B, M, V)
+            # cross-entropy on (B*M, V) rows: the class dim stays the last, contiguous one (text_loss's (B, V, T)
+            # transpose makes CUDA's log_softmax copy the logits), and dtype=float32 reads bf16 logits without
+            # an fp32 copy of them first
+            logp = F.log_softmax(logits.flatten(0, 1), dim=-1, dtype=torch.float32)  # (B*M, V)
+            ce = F.nll_loss(logp, text.gather(1, ids).flatten(), reduction="none").view(ids.shape)  # (B, M)
+            valid = (~enc["text_padding_mask"].gather(1, ids)).float()  # (B, M): removed and not padding
+            l_txt = ((ce * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1e-5)).mean()  # as text_loss
+        return dict(loss=c.image_loss_weight * l_img + c.text_loss_weight * l_txt, image_loss=l_img, text_loss=l_txt)
+
+    def forward(self, images=None, text=None, text_padding_mask=None, image_noise=None, text_noise=None,
+                predictions=True):
         """Masked reconstruction. images (B, 3, H, W) or None; text (B, T) int64 or None; text_padding_mask
         (B, T) bool, True = pad (default: text == 0); *_noise (B, L) fixes the masks (see random_masking).
-        Returns a dict: loss, image_loss, text_loss, image_pred, text_logits, image_mask, text_mask."""
+        Returns a dict: loss, image_loss, text_loss, image_pred, text_logits, image_mask, text_mask.
+        predictions=False: the heads run only on the removed tokens (forward_loss_removed), for a caller that
+        needs the loss alone (training); image_pred and text_logits are then None."""
         enc = self.forward_encoder(images, text, text_padding_mask, image_noise, text_noise)
+        if not predictions:
+            out = self.forward_loss_removed(images, text, enc, *self.decode(enc))
+            out.update(image_pred=None, text_logits=None, image_mask=enc["image_mask"], text_mask=enc["text_mask"])
+            return out
         image_pred, text_logits = self.forward_decoder(enc)
         out = self.forward_loss(images, text, enc, image_pred, text_logits)
         out.update(image_pred=image_pred, text_logits=text_logits, image_mask=enc["image_mask"],

@@ -34,7 +34,7 @@ RESUME_FIXED = ("preset", "image_size", "patch_size", "text_len", "image_mask_ra
                 "batch_size")
 # Flags that belong to one invocation, never taken from the run's record.
 PER_INVOCATION = ("resume", "overwrite", "out_dir", "stop_after", "bench", "bench_steps", "device", "workers",
-                  "compile", "dtype", "attn", "given", "resume_notes", "init_from")
+                  "compile", "dtype", "attn", "heads", "profile", "given", "resume_notes", "init_from")
 
 
 class RunDirError(Exception):

@@ -39,8 +39,8 @@ from tqdm import tqdm
 import builtin
 import data
 import probe
-from model import M3AE, PRESETS, M3AEConfig, checkpoint_dict, make_config
 import rundir
+from model import M3AE, PRESETS, M3AEConfig, attention_impl, checkpoint_dict, make_config, num_kept
 from tokenizer import MAX_TOKENIZER_CAPTIONS, get_tokenizer
 from util import SeededSamples, checkpoint_tokenizer, lr_at, make_parser, masking_noise, mix_seed
 
@@ -132,6 +132,11 @@ def build_parser():
     a("--probe-test-size", type=int, default=2000, help="built-in data: labelled images to score it")
     a("--bench", action="store_true", help="time --bench-steps steps on random tensors and exit")
     a("--bench-steps", type=int, default=20, help="--bench: timed steps (after 3 warm-up steps)")
+    a("--heads", default="auto", choices=["auto", "all", "removed"], help="the output heads on every token, or only "
+      "on the removed tokens the loss reads (M3AE.forward(predictions=False): the same loss, less work); auto = "
+      "removed on CUDA, all on CPU (where the other float summation order would change the demo's numbers)")
+    a("--profile", action="store_true", help="--bench: then profile min(5, --bench-steps) more steps with "
+      "torch.profiler and print where a step's time goes, by op class (GPU time on CUDA, CPU time on CPU)")
     return p
 
 
@@ -193,6 +198,8 @@ def check_args(p, args):
     world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's; the process group is joined later
     if args.batch_size % (world * args.grad_accum):
         bad("batch-size", args.batch_size, f"must divide by ranks x --grad-accum = {world} x {args.grad_accum}")
+    if args.profile and not args.bench:
+        p.error("argument --profile: only with --bench")
     if args.stop_after is not None and args.stop_after > args.steps:
         bad("stop-after", args.stop_after, f"is past --steps {args.steps}")
     # devices
@@ -299,17 +306,24 @@ def param_groups(model, weight_decay):
             {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0}]
 
 
-def train_flops_per_sample(c, with_text=True, with_image=True):
-    """Analytic FLOPs of one training step per sample (forward x 3), counting a multiply-add as 2."""
-    def transformer(n, d, depth):  # qkv 6nd^2 + proj 2nd^2 + mlp 16nd^2 (ratio 4) + attention 4n^2d
-        return depth * (2 * n * d * d * (4 + 2 * c.mlp_ratio) + 4 * n * n * d)
+def train_flops_per_sample(c, with_text=True, with_image=True, predictions=True):
+    """Analytic FLOPs of one training step per sample, counting a multiply-add as 2: the matrix products only
+    (layer norms, softmax, element-wise work and the optimizer are not counted), dense (padding and padded keys
+    count). Each forward product has two in the backward (input and weight gradients), so a step is 3x the
+    forward, less one product for the patch embedding, whose input (the pixels) needs no gradient.
+    predictions=False: the heads only on the removed tokens (M3AE.forward(predictions=False)).
+    Equal to torch.utils.flop_counter's count of a step with attn "math" (tests/test_bench.py)."""
+    def transformer(n, d, depth):  # qkv 6nd^2 + proj 2nd^2 + mlp 4nd*hidden + attention 4n^2d (q k^T, p v)
+        return depth * (8 * n * d * d + 4 * n * d * int(d * c.mlp_ratio) + 4 * n * n * d)
     N, T = (c.num_patches if with_image else 0), (c.text_len if with_text else 0)
-    n_enc = 1 + int(N * (1 - c.image_mask_ratio)) + int(T * (1 - c.text_mask_ratio))
-    n_dec = 1 + N + T
-    fwd = (2 * N * c.patch_dim * c.emb_dim + transformer(n_enc, c.emb_dim, c.depth)
+    kept_img, kept_txt = num_kept(N, c.image_mask_ratio), num_kept(T, c.text_mask_ratio)
+    n_enc, n_dec = 1 + kept_img + kept_txt, 1 + N + T
+    head_img, head_txt = (N, T) if predictions else (N - kept_img, T - kept_txt)
+    patch_embed = 2 * N * c.patch_dim * c.emb_dim
+    fwd = (patch_embed + transformer(n_enc, c.emb_dim, c.depth)
            + 2 * n_enc * c.emb_dim * c.dec_emb_dim + transformer(n_dec, c.dec_emb_dim, c.dec_depth)
-           + 2 * N * c.dec_emb_dim * c.patch_dim + 2 * T * c.dec_emb_dim * c.vocab_size)
-    return 3 * fwd
+           + 2 * head_img * c.dec_emb_dim * c.patch_dim + 2 * head_txt * c.dec_emb_dim * c.vocab_size)
+    return 3 * fwd - patch_embed
 
 
 # -----------------------------------------------------------------------------
@@ -549,23 +563,29 @@ def blank_batch(empty):
     return blank
 
 
-def forward_batch(model, batch, no_text, text_only):
+def heads_all(args, env):
+    """--heads: True = the output heads run on every token (predictions returned), False = on the removed ones."""
+    return args.heads == "all" or (args.heads == "auto" and not env.cuda)
+
+
+def forward_batch(model, batch, no_text, text_only, predictions=True):
     """Paired and image-only samples go through one forward (an image-only sample is an all-padding caption),
     text-only samples through a second one with no image; their losses add (as official's unpaired text).
     text_only: host-side (B,) bool, so that splitting the batch needs no device sync."""
     if no_text:
-        return model(batch["image"], image_noise=batch["image_noise"])
+        return model(batch["image"], image_noise=batch["image_noise"], predictions=predictions)
     if not text_only.any():
         return model(batch["image"], batch["text"], batch["text_padding_mask"], batch["image_noise"],
-                     batch["text_noise"])
+                     batch["text_noise"], predictions=predictions)
     device = batch["text"].device
     pick = lambda rows: {k: v[rows.nonzero().squeeze(1).to(device)] for k, v in batch.items()}
     outs = []
     if (~text_only).any():
         b = pick(~text_only)
-        outs.append(model(b["image"], b["text"], b["text_padding_mask"], b["image_noise"], b["text_noise"]))
+        outs.append(model(b["image"], b["text"], b["text_padding_mask"], b["image_noise"], b["text_noise"],
+                          predictions=predictions))
     b = pick(text_only)
-    outs.append(model(None, b["text"], b["text_padding_mask"], text_noise=b["text_noise"]))
+    outs.append(model(None, b["text"], b["text_padding_mask"], text_noise=b["text_noise"], predictions=predictions))
     return {k: sum(o[k] for o in outs) for k in ("loss", "image_loss", "text_loss")}
 
 
@@ -591,7 +611,7 @@ def train_step(model, optimizer, batches, step, lr, env, args, config, skips):
         batch = {k: v.to(env.device, non_blocking=True) for k, v in batch.items()}
         sync = nullcontext() if (not env.ddp or micro == args.grad_accum - 1) else model.no_sync()
         with sync, env.autocast:
-            out = forward_batch(model, batch, args.no_text, text_only)
+            out = forward_batch(model, batch, args.no_text, text_only, heads_all(args, env))
             loss = out["loss"] * (weight / args.grad_accum)
         loss.backward()
         parts += torch.stack([out["loss"], out["image_loss"], out["text_loss"]]).detach() * (weight / args.grad_accum)
@@ -802,7 +822,8 @@ def end_of_run_check(model, tokenizer, probe_sets, args, step):
 
 
 def bench(args, env, micro_batch):
-    """Time training steps on random tensors: images/s, step time, peak memory, MFU."""
+    """Time training steps on random tensors: images/s, step time, peak memory, MFU; with --profile, then where
+    a step's time goes by op class (kernels/op_profile.py)."""
     device = env.device
     config = model_config(args, args.vocab_size)
     model = M3AE(config).to(device)
@@ -815,9 +836,12 @@ def bench(args, env, micro_batch):
     text[:, config.text_len // 2 :] = 0  # half-length captions: the key-padding path is exercised
     pad = text == 0
 
+    predictions = heads_all(args, env)
+
     def one_step():
         with env.autocast:
-            out = step_model(images, None if args.no_text else text, None if args.no_text else pad)
+            out = step_model(images, None if args.no_text else text, None if args.no_text else pad,
+                             predictions=predictions)
         out["loss"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -834,13 +858,28 @@ def bench(args, env, micro_batch):
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / args.bench_steps
     rate = B / dt
-    flops = train_flops_per_sample(config, with_text=not args.no_text) * rate
+    flops = train_flops_per_sample(config, with_text=not args.no_text, predictions=predictions) * rate
     mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if env.cuda else "n/a (CPU)"
-    print(f"bench: preset {args.preset}, batch {B}, attn {config.attn_impl}, compile {env.compile}, "
-          f"{'image-only' if args.no_text else 'paired'}, device {device}")
+    attn = config.attn_impl
+    if attn == "auto":  # what it resolves to at this run's encoder and decoder lengths
+        n_img, n_txt = config.num_patches, 0 if args.no_text else config.text_len
+        n_enc = 1 + num_kept(n_img, config.image_mask_ratio) + num_kept(n_txt, config.text_mask_ratio)
+        pick = lambda n, d: attention_impl(device.type, env.compile, n, d)
+        attn = (f"auto (encoder {n_enc} tokens: {pick(n_enc, config.emb_dim // config.num_heads)}, decoder "
+                f"{1 + n_img + n_txt}: {pick(1 + n_img + n_txt, config.dec_emb_dim // config.dec_num_heads)})")
+    print(f"bench: preset {args.preset}, batch {B}, vocab {config.vocab_size}, attn {attn}, compile {env.compile}, "
+          f"heads {'all' if predictions else 'removed'}, {'image-only' if args.no_text else 'paired'}, device {device}")
     print(f"  step {dt * 1e3:.1f} ms | {rate:.1f} images/s | {flops / 1e12:.2f} TFLOP/s | "
           f"MFU {flops / (args.peak_tflops * 1e12):.1%} (peak {args.peak_tflops:.0f} TFLOP/s) | peak memory {mem}")
-    return dict(step_ms=dt * 1e3, images_per_s=rate, tflops=flops / 1e12)
+    result = dict(step_ms=dt * 1e3, images_per_s=rate, tflops=flops / 1e12)
+    if args.profile:
+        from kernels import op_profile  # imported here: it imports triton, which the rest of --bench may not need
+
+        steps = min(5, args.bench_steps)
+        times = op_profile.profile_steps(one_step, steps, env.cuda)
+        print(op_profile.format_table(times, steps, dt * 1e3, device.type))
+        result["profile_us"] = dict(times)
+    return result
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from model import (PRESETS, M3AE, attention, attention_weights, image_loss, make_config, num_kept, patchify,
-                   random_masking, text_loss, unpatchify)
+import model as model_module
+from model import (EAGER_TRITON_MIN_SEQ, PRESETS, M3AE, attention, attention_impl, attention_weights, image_loss,
+                   make_config, num_kept, patchify, random_masking, removed_ids, text_loss, unpatchify)
 
 TEXT_PARAMS = {"text_embed.weight", "enc_text_type", "dec_text_type", "text_mask_token", "text_head.weight",
                "text_head.bias"}
@@ -108,6 +109,15 @@ def test_masking_invariants():
     assert (shared == shared[:1]).all()
 
 
+def test_removed_ids_are_the_removed_positions_in_order():
+    B, L = 6, 24
+    ids_keep, _, mask = random_masking(B, L, 0.75, torch.rand(B, L))
+    ids = removed_ids(mask, L - ids_keep.size(1))  # (B, 18)
+    for b in range(B):
+        assert ids[b].tolist() == mask[b].nonzero().squeeze(1).tolist()  # every removed position, ascending
+    assert removed_ids(torch.zeros(B, L), 0).shape == (B, 0)  # mask ratio 0: nothing to gather
+
+
 def test_text_masking_counts_padding_and_hides_visible_padding():
     cfg = tiny()
     model = M3AE(cfg).eval()
@@ -191,6 +201,38 @@ def test_forward_loss_is_weighted_sum_of_parts():
     a = norm(images, text, pad)
     assert a["image_loss"].item() == pytest.approx(
         image_loss(a["image_pred"], patchify(images, cfg.patch_size), a["image_mask"], norm_pix=True).item())
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(norm_pix_loss=True), dict(image_mask_ratio=0.5, text_mask_ratio=0.25),
+                                       dict(image_mask_ratio=0.0, text_mask_ratio=0.0)])
+@pytest.mark.parametrize("mode", ["paired", "image", "text"])
+def test_heads_on_removed_tokens_only_give_the_same_loss_and_gradients(mode, overrides):
+    """forward(predictions=False) evaluates the heads on the removed tokens only (forward_loss_removed): the same
+    loss and parameter gradients as the full path in fp32, up to summation order (seen: <= 2.4e-7)."""
+    cfg = tiny(**overrides)
+    torch.manual_seed(0)
+    model = M3AE(cfg)
+    images, text, pad = batch(cfg, B=4, lengths=[cfg.text_len, 5, 0, 11])  # full, short, empty captions
+    noise = torch.rand(4, cfg.num_patches), torch.rand(4, cfg.text_len)
+    args = (images if mode != "text" else None, text if mode != "image" else None, pad, *noise)
+    results = []
+    for predictions in (True, False):
+        model.zero_grad(set_to_none=True)
+        out = model(*args, predictions=predictions)
+        out["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out, grads))
+    (full, g_full), (removed, g_removed) = results
+    assert removed["image_pred"] is None and removed["text_logits"] is None
+    for key in ("image_mask", "text_mask"):
+        assert (full[key] is None and removed[key] is None) or torch.equal(full[key], removed[key])
+    for key in ("loss", "image_loss", "text_loss"):
+        torch.testing.assert_close(removed[key], full[key], atol=1e-6, rtol=1e-6)
+    assert g_removed.keys() == g_full.keys()  # the same parameters get a gradient
+    for name in g_full:
+        torch.testing.assert_close(g_removed[name], g_full[name], atol=1e-6, rtol=1e-5, msg=name)
+    if overrides.get("image_mask_ratio", 0.75) > 0:
+        assert full["loss"] > 0
 
 
 # --- modes -------------------------------------------------------------------------------------------------
@@ -353,6 +395,56 @@ def test_attention_implementations_agree_with_padding():
     assert (w[1][..., 5:] == 0).all()  # padded keys get no weight
     assert (w[2] == 0).all()  # no visible key: rows of zeros
     assert torch.equal(w @ v, attention(q, k, v, pad, impl="math"))  # the math path is exactly weights @ v
+
+
+def test_never_empty_drops_only_a_no_op():
+    """never_empty=True (what the model passes: CLS is never padding) skips SDPA's all-padding guard, which does
+    nothing when every sample has a visible key: bit-identical outputs and gradients."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 7, 8, requires_grad=True) for _ in range(3))
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    pad[1, 4:] = True
+    pad[2, 1::2] = True
+    ys = [attention(q, k, v, pad, "sdpa", never_empty=flag) for flag in (False, True)]
+    grads = [torch.autograd.grad(y.square().sum(), (q, k, v)) for y in ys]
+    assert torch.equal(ys[0], ys[1]) and all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_attention_impl_rule():
+    """auto's choice, from the H200 measurements (model.py's comment above attention_impl)."""
+    enc, dec = 81, 321  # base preset, paired: the encoder's and the decoder's tokens
+    assert attention_impl("cpu", False, dec, 32) == "sdpa" and attention_impl("cpu", True, dec, 32) == "sdpa"
+    # compiled or graphed: ours at every supported head dim (it won at both shapes)
+    for n, d in ((enc, 64), (dec, 32), (17, 16), (1000, 128)):
+        assert attention_impl("cuda", True, n, d) == "triton"
+    # eager: SDPA where ours lost to its launch cost (the encoder's 81 tokens), ours where it won (321)
+    assert attention_impl("cuda", False, enc, 64) == "sdpa"
+    assert attention_impl("cuda", False, 65, 64) == "sdpa"  # image-only encoder
+    assert attention_impl("cuda", False, dec, 32) == "triton"
+    assert attention_impl("cuda", False, 257, 32) == "triton"  # image-only decoder
+    assert attention_impl("cuda", False, EAGER_TRITON_MIN_SEQ - 1, 32) == "sdpa"
+    # a head dim the kernel lacks (huge: 1280 / 16 = 80) stays on SDPA whatever else holds
+    assert attention_impl("cuda", True, dec, 80) == "sdpa" and attention_impl("cuda", False, dec, 80) == "sdpa"
+
+
+def test_auto_asks_attention_impl_whether_it_is_being_compiled(monkeypatch):
+    """attention(impl="auto") passes torch.compiler.is_compiling() on: False in eager, True while torch.compile
+    traces (backend "eager": dynamo's tracing alone, no compiler needed), with the key count and head dim."""
+    calls = []
+
+    def spy(*args):
+        calls.append(args)
+        return attention_impl(*args)
+
+    monkeypatch.setattr(model_module, "attention_impl", spy)
+    q = torch.randn(2, 2, 5, 16)
+    k = torch.randn(2, 2, 7, 16)
+    pad = torch.zeros(2, 7, dtype=torch.bool)
+    pad[1, 3:] = True
+    eager = attention(q, k, k, pad, "auto")
+    traced = torch.compile(lambda q, k, pad: attention(q, k, k, pad, "auto"), backend="eager", fullgraph=True)
+    torch.testing.assert_close(traced(q, k, pad), eager)
+    assert calls == [("cpu", False, 7, 16), ("cpu", True, 7, 16)]
 
 
 def test_model_outputs_agree_across_attention_impls():

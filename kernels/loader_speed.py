@@ -1,0 +1,44 @@
+"""Images/s of train.py's input pipeline alone (no model): the same flags, the same dataset, DataLoader and
+workers as a training run, timed over --batches global batches after the first (worker start-up excluded).
+
+    python kernels/loader_speed.py --batches 20 -- --wds-shards 'shards/{00000..00015}.tar' --epoch-samples 5120 \
+        --batch-size 256 --tokenizer run/tokenizer.model --out-dir /tmp/x
+
+Everything after `--` goes to train.py's parser (so a flag it refuses is refused here the same way). Compare
+the rate with the training run's images/s: if they are close, the input pipeline is what limits the run.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # train.py, data.py, ...
+
+import train  # noqa: E402
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    split = argv.index("--") if "--" in argv else len(argv)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batches", type=int, default=20, help="global batches timed after the first")
+    ours = p.parse_args(argv[:split])
+    args = train.get_args(argv[split + 1 :])
+    env = train.setup(args.device, args.dtype, compile=False)
+    config = train.model_config(args, vocab_size=1)
+    _, dataset, _, _ = train.build_data(args, config.image_size, config.text_len)
+    loader = train.make_loader(dataset, args.batch_size, args.workers, env, args.seed)
+    batches, _ = train.epoch_batches(loader, 0, 0, args.batch_size, env, args.seed, args.epoch_samples, args.batch_size)
+    next(batches)  # workers start, shuffle buffers fill
+    t0 = time.perf_counter()
+    for _ in range(ours.batches):
+        next(batches)
+    rate = ours.batches * args.batch_size / (time.perf_counter() - t0)
+    print(f"input pipeline alone: {rate:.0f} images/s ({args.workers} workers, batch {args.batch_size}, "
+          f"{config.image_size} px, {ours.batches} batches after the first)")
+    return rate
+
+
+if __name__ == "__main__":
+    main()
