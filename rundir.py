@@ -204,10 +204,10 @@ def save_checkpoint(ckpt, out_dir):
     os.replace(tmp, path)
 
 
-def load_checkpoint(out_dir, map_location="cpu"):
+def load_checkpoint(out_dir, map_location="cpu", set_aside=True):
     """(checkpoint dict, file name) of the newest readable checkpoint in OUT_DIR, or (None, None) when there is
-    none. An unreadable ckpt.pt (truncated, corrupt) is set aside as ckpt.pt.corrupt, with a message, and the
-    previous one is used."""
+    none. An unreadable ckpt.pt (truncated, corrupt) is set aside as ckpt.pt.corrupt (by rank 0 alone:
+    set_aside), with a message, and the previous one is used."""
     for name in (CKPT, PREV):
         path = os.path.join(out_dir, name)
         if not os.path.exists(path):
@@ -216,8 +216,9 @@ def load_checkpoint(out_dir, map_location="cpu"):
             return torch.load(path, map_location=map_location, weights_only=True), name
         except Exception as e:
             reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            os.replace(path, path + ".corrupt")
-            print(f"{path} cannot be read ({reason}); moved to {name}.corrupt, trying {PREV}")
+            if set_aside:
+                os.replace(path, path + ".corrupt")
+                print(f"{path} cannot be read ({reason}); moved to {name}.corrupt, trying {PREV}")
     if os.path.exists(os.path.join(out_dir, CKPT + ".corrupt")):
         raise RunDirError(f"no readable checkpoint in {out_dir} (see {CKPT}.corrupt); --overwrite starts afresh")
     return None, None

@@ -638,9 +638,9 @@ def main(argv=None):
         dist.barrier()  # rank 0 trains (or loads) the tokenizer first; the others then load its file
     init = load_init(args, write=env.master) if args.init_from else None
     init_config = init["config"] if init else None
+    init_norm = (tuple(init["data"]["mean"]), tuple(init["data"]["std"])) if init and "data" in init else None
     geometry = model_config(args, 1, init_config)  # image size and text length before the tokenizer exists
-    tokenizer, dataset, probe_sets, norm = build_data(args, geometry.image_size, geometry.text_len, init and (
-        (tuple(init["data"]["mean"]), tuple(init["data"]["std"])) if "data" in init else None))
+    tokenizer, dataset, probe_sets, norm = build_data(args, geometry.image_size, geometry.text_len, init_norm)
     if env.ddp and env.master:
         dist.barrier()
     fingerprint = run_fingerprint(args)
@@ -662,7 +662,7 @@ def main(argv=None):
     # --- resume: the newest readable checkpoint, the run's data unchanged, the log without replayed steps ---
     progress = dict(step=0, epoch=0, batch_in_epoch=0)
     if args.resume:
-        ckpt, name = rundir.load_checkpoint(args.out_dir, map_location=env.device)
+        ckpt, name = rundir.load_checkpoint(args.out_dir, map_location=env.device, set_aside=env.master)
         if ckpt is not None:
             rundir.check_fingerprint(ckpt.get("fingerprint", fingerprint), fingerprint)
             model.load_state_dict(ckpt["model"])

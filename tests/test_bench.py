@@ -1,5 +1,5 @@
 """train.py --bench: the analytic FLOP count against torch's flop counter, --profile's op classes and table, and a
-dry run of kernels/gpu_speed.sh on CPU (every command and flag the GPU session will run)."""
+dry run of bench/gpu_speed.sh on CPU (every command and flag the GPU session will run)."""
 
 import os
 import re
@@ -104,9 +104,9 @@ def test_bench_heads_removed_runs(capsys):
 
 
 def test_gpu_speed_script_dry_run(tmp_path):
-    """DRY=1: every step of kernels/gpu_speed.sh with the tiny preset on CPU, except eager_triton (our kernel in
+    """DRY=1: every step of bench/gpu_speed.sh with the tiny preset on CPU, except eager_triton (our kernel in
     Triton's interpreter: a minute on 2 cores; its flags are --no-compile --attn triton, both run here)."""
-    script = os.path.join(ROOT, "kernels", "gpu_speed.sh")
+    script = os.path.join(ROOT, "bench", "gpu_speed.sh")
     default = re.search(r"steps=\(([^)]*)\)", open(script).read().split("[ ${#steps[@]} -eq 0 ]")[1]).group(1)
     steps = [s for s in default.split() if s != "eager_triton"]
     env = {**os.environ, "DRY": "1", "OUT": str(tmp_path), "PY": sys.executable}

@@ -1,7 +1,7 @@
 """Write webdataset shards of photo-like JPEGs in img2dataset's layout, to time the real input pipeline without
-a download (kernels/gpu_speed.sh; no network on the GPU machine).
+a download (bench/gpu_speed.sh; no network on the GPU machine).
 
-    python kernels/fake_shards.py OUT_DIR --shards 16 --per-shard 160     # OUT_DIR/00000.tar ... 00015.tar
+    python bench/fake_shards.py OUT_DIR --shards 16 --per-shard 160     # OUT_DIR/00000.tar ... 00015.tar
 
 Each shard holds, per sample, {key}.jpg, {key}.txt and {key}.json next to each other, keys of 9 digits (5 for the
 shard, 4 for the sample), as img2dataset writes them. The images are 500x375 (CC12M / CC3M photos are mostly

@@ -4,9 +4,9 @@
 # the steps run in at most BUDGET seconds (default 420, under the 8 minutes asked of this script): a step whose time
 # limit would not fit in what is left is skipped, and the summary says so; name it to run it in another call.
 #
-#   OUT=/tmp/speed bash kernels/gpu_speed.sh                      # every step
-#   OUT=/tmp/speed bash kernels/gpu_speed.sh eager_auto real_data # only the steps named
-#   DRY=1 OUT=/tmp/speed bash kernels/gpu_speed.sh                # on CPU: tiny preset, tiny shards, no compile:
+#   OUT=/tmp/speed bash bench/gpu_speed.sh                      # every step
+#   OUT=/tmp/speed bash bench/gpu_speed.sh eager_auto real_data # only the steps named
+#   DRY=1 OUT=/tmp/speed bash bench/gpu_speed.sh                # on CPU: tiny preset, tiny shards, no compile:
 #                                                                 # every command and flag runs (tests/test_bench.py)
 #
 # Steps, most important first (the run order). All but real_data and loader are
@@ -17,11 +17,11 @@
 #   real_data       photo-like JPEG shards made here (16 x 768, 500x375, img2dataset layout), then a real run:
 #                   train.py --preset base --wds-shards ... --steps 30 --log-every 10, compiled, default
 #                   workers (CPUs - 1); log.jsonl's images/s and MFU after compilation, against `compiled`'s
-#   loader          the same input pipeline alone (kernels/loader_speed.py): is it the limit?
+#   loader          the same input pipeline alone (bench/loader_speed.py): is it the limit?
 #   eager_auto      --no-compile, attn auto (SDPA in the encoder, ours in the decoder: model.attention_impl)
 #   eager_sdpa      --no-compile --attn sdpa
 #   eager_triton    --no-compile --attn triton
-#   heads           kernels/heads_bench.py: the heads + loss alone, forward + backward, eager, vocab 30522: every
+#   heads           bench/heads_bench.py: the heads + loss alone, forward + backward, eager, vocab 30522: every
 #                   token against the removed tokens only (M3AE.forward(predictions=False))
 #   compiled_sdpa   --compile --attn sdpa (2026-11-26: 90.2 ms)
 #   vocab_all       --compile, --vocab-size 30522 (BERT's, the paper's tokenizer): heads on every token
@@ -82,7 +82,7 @@ step() {  # step NAME LIMIT command...: run under a time limit if it fits in the
 }
 
 real_data() {  # shards, then a short real training run; its log.jsonl lines go to the log
-    "$PY" kernels/fake_shards.py "$WORK/shards" "${SHARDS[@]}" || return 1
+    "$PY" bench/fake_shards.py "$WORK/shards" "${SHARDS[@]}" || return 1
     local last=$((${SHARDS[1]} - 1))
     "$PY" "${RUN[@]}" $COMPILE --wds-shards "$WORK/shards/{00000..$(printf %05d $last)}.tar" \
         --epoch-samples "$EPOCH" --out-dir "$WORK/run" || return 1
@@ -93,7 +93,7 @@ real_data() {  # shards, then a short real training run; its log.jsonl lines go 
 loader() {  # the input pipeline of real_data alone, with the tokenizer it trained
     local last=$((${SHARDS[1]} - 1))
     [ -f "$WORK/run/tokenizer.model" ] || { echo "no tokenizer: real_data did not run"; return 1; }
-    "$PY" kernels/loader_speed.py --batches "$([ "$DRY" = 1 ] && echo 2 || echo 20)" -- "${RUN[@]:1}" \
+    "$PY" bench/loader_speed.py --batches "$([ "$DRY" = 1 ] && echo 2 || echo 20)" -- "${RUN[@]:1}" \
         --wds-shards "$WORK/shards/{00000..$(printf %05d $last)}.tar" --epoch-samples "$EPOCH" \
         --tokenizer "$WORK/run/tokenizer.model" --out-dir "$WORK/loader"
 }
@@ -119,7 +119,7 @@ run() {
         eager_auto) step eager_auto 70 "$PY" "${BENCH[@]}" --no-compile ;;
         eager_sdpa) step eager_sdpa 50 "$PY" "${BENCH[@]}" --no-compile --attn sdpa ;;
         eager_triton) step eager_triton 70 "$PY" "${BENCH[@]}" --no-compile --attn triton ;;
-        heads) step heads 40 "$PY" kernels/heads_bench.py ${HEADS[@]+"${HEADS[@]}"} ;;
+        heads) step heads 40 "$PY" bench/heads_bench.py ${HEADS[@]+"${HEADS[@]}"} ;;
         compiled_sdpa) step compiled_sdpa 110 "$PY" "${BENCH[@]}" $COMPILE --attn sdpa ;;
         vocab_all) step vocab_all 90 "$PY" "${BENCH[@]}" $COMPILE --vocab-size 30522 ;;
         vocab_removed) step vocab_removed 90 "$PY" "${BENCH[@]}" $COMPILE --vocab-size 30522 --heads removed ;;

@@ -1,7 +1,7 @@
 """Images/s of train.py's input pipeline alone (no model): the same flags, the same dataset, DataLoader and
 workers as a training run, timed over --batches global batches after the first (worker start-up excluded).
 
-    python kernels/loader_speed.py --batches 20 -- --wds-shards 'shards/{00000..00015}.tar' --epoch-samples 5120 \
+    python bench/loader_speed.py --batches 20 -- --wds-shards 'shards/{00000..00015}.tar' --epoch-samples 5120 \
         --batch-size 256 --tokenizer run/tokenizer.model --out-dir /tmp/x
 
 Everything after `--` goes to train.py's parser (so a flag it refuses is refused here the same way). Compare

@@ -1,7 +1,7 @@
 """Epoch-boundary cost of the pretraining DataLoader: a new loader per epoch (train.py before) vs one persistent
 loader (train.py now). Data only, no model: the time to the first batch of each epoch vs the median batch."""
 import os, statistics, sys, time
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # train.py, data.py, ...
 import torch
 import data, train
 from tokenizer import load_tokenizer

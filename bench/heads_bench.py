@@ -2,8 +2,8 @@
 forward_decoder's outputs, what training runs today) against the removed tokens only (forward_loss_removed,
 M3AE.forward(predictions=False)). Decoder outputs are random leaves, so nothing else is timed.
 
-    python kernels/heads_bench.py                        # CUDA: base, batch 256, vocab 30522, bf16 autocast
-    python kernels/heads_bench.py --device cpu --batch 8 # CPU: fp32
+    python bench/heads_bench.py                        # CUDA: base, batch 256, vocab 30522, bf16 autocast
+    python bench/heads_bench.py --device cpu --batch 8 # CPU: fp32
 
 Half-length captions (as train.py --bench). Times: medians of --repeats interleaved runs after one warm-up each.
 """
