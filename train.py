@@ -248,6 +248,9 @@ def check_args(p, args):
     # legal but almost surely unintended: one line each
     if args.warmup_steps >= args.steps:
         print(f"warning: --warmup-steps {args.warmup_steps} >= --steps {args.steps}: the lr never leaves warmup")
+    if args.data == "wds" and args.epoch_samples < args.batch_size // world * max(args.workers, 1):
+        print(f"warning: --epoch-samples {args.epoch_samples} is less than one micro-batch for each of the "
+              f"{max(args.workers, 1)} worker(s) of {world} rank(s): each epoch ends before every worker delivers")
     if args.image_mask_ratio == 0 and (args.text_mask_ratio == 0 or args.no_text):
         print("warning: nothing is masked (--image-mask-ratio 0, no text masking): the loss is over no token")
 

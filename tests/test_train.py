@@ -274,6 +274,10 @@ def test_warnings_for_legal_but_unintended_settings(tmp_path, capsys):
     run(tmp_path, "--steps", "2", "--warmup-steps", "5", "--image-mask-ratio", "0", "--text-mask-ratio", "0")
     out = capsys.readouterr().out
     assert "--warmup-steps 5 >= --steps 2" in out and "nothing is masked" in out
+    pattern = _shards(tmp_path / "s", [8, 8])
+    run(tmp_path / "w", "--wds-shards", pattern, "--epoch-samples", "4", "--batch-size", "4", "--steps", "1",
+        "--workers", "2")
+    assert "--epoch-samples 4 is less than one micro-batch for each of the 2 worker(s)" in capsys.readouterr().out
 
 
 def test_an_out_dir_belongs_to_one_run(tmp_path, capsys):
