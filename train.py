@@ -232,19 +232,16 @@ def check_args(p, args):
             p.error(f"argument --{clash[0].replace('_', '-')}: the architecture comes from --init-from")
         if args.resume:
             p.error("argument --init-from: a resumed run continues from its own checkpoint; drop --init-from")
-    for flag, path, kind in (("init-from", args.init_from, "file"), ("csv", args.csv, "file"), ("text-file", args.text_file, "file"),
-                             ("tokenizer", args.tokenizer, "file"), ("image-dir", args.image_dir, "folder")):
+    for flag, path, kind in (("init-from", args.init_from, "file"), ("csv", args.csv, "file"),
+                             ("text-file", args.text_file, "file"), ("tokenizer", args.tokenizer, "file"),
+                             ("image-dir", args.image_dir, "folder")):
         if path and not (os.path.isfile(path) if kind == "file" else os.path.isdir(path)):
             bad(flag, path, f"is not a {kind}")
     if args.data == "wds":
         try:
-            shards = data.expand_shards(args.wds_shards)
+            data.expand_shards(args.wds_shards)  # refuses a pattern that matches nothing, and missing files
         except ValueError as e:
             bad("wds-shards", args.wds_shards, f"cannot be read: {e}")
-        missing = [s for s in shards if not os.path.isfile(s)]
-        if not shards or missing:
-            bad("wds-shards", args.wds_shards, f"names {len(missing)} missing file(s), e.g. {missing[0]}" if missing
-                else "matches no file")
     # legal but almost surely unintended: one line each
     if args.warmup_steps >= args.steps:
         print(f"warning: --warmup-steps {args.warmup_steps} >= --steps {args.steps}: the lr never leaves warmup")
@@ -286,7 +283,8 @@ def load_init(args, write=True):
         init = torch.load(args.init_from, map_location="cpu", weights_only=True)
         tok = checkpoint_tokenizer(init, args.init_from, args.tokenizer)  # refuses one larger than the model's
         if not args.tokenizer:
-            args.tokenizer = os.path.join(args.out_dir, rundir.TOKENIZER if tok.kind == "sentencepiece" else "vocab.txt")
+            name = rundir.TOKENIZER if tok.kind == "sentencepiece" else "vocab.txt"
+            args.tokenizer = os.path.join(args.out_dir, name)
             if write:  # rank 0 only; the other ranks read it after the barrier
                 with open(args.tokenizer, "wb") as f:
                     f.write(tok.to_bytes())
@@ -416,8 +414,8 @@ def make_loader(dataset, micro_batch, workers, env, seed):
         workers = fit
     return torch.utils.data.DataLoader(dataset if stream else SeededSamples(dataset, seed),
                                        sampler=None if stream else EpochKeys(), batch_size=micro_batch,
-                                       collate_fn=data.collate, num_workers=workers, pin_memory=env.cuda, drop_last=True,
-                                       persistent_workers=workers > 0)
+                                       collate_fn=data.collate, num_workers=workers, pin_memory=env.cuda,
+                                       drop_last=True, persistent_workers=workers > 0)
 
 
 def epoch_batches(loader, epoch, skip, per_rank, env, seed, epoch_samples=None, global_batch=None, grad_accum=1):
@@ -646,7 +644,7 @@ def main(argv=None):
     tokenizer, dataset, probe_sets, norm = build_data(args, geometry.image_size, geometry.text_len, init_norm)
     if env.ddp and env.master:
         dist.barrier()
-    fingerprint = run_fingerprint(args)
+    fingerprint = run_fingerprint(args) if env.master else None  # read once, by rank 0, which checks and saves it
 
     # --- model and optimizer; the initial weights depend on --seed alone (the same on every rank) ---
     config = model_config(args, init_config["vocab_size"] if init else tokenizer.vocab_size, init_config)
@@ -667,7 +665,8 @@ def main(argv=None):
     if args.resume:
         ckpt, name = rundir.load_checkpoint(args.out_dir, map_location=env.device, set_aside=env.master)
         if ckpt is not None:
-            rundir.check_fingerprint(ckpt.get("fingerprint", fingerprint), fingerprint)
+            if env.master:
+                rundir.check_fingerprint(ckpt.get("fingerprint", fingerprint), fingerprint)
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             progress = {k: ckpt[k] for k in progress}

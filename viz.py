@@ -40,8 +40,8 @@ from PIL import Image, ImageDraw, ImageFont
 import builtin
 import data
 from model import image_loss, load_model, patchify, unpatchify
-from util import (NORMS, checkpoint_data_level, checkpoint_data_seed, checkpoint_norm, checkpoint_tokenizer, make_parser,
-                  masking_noise)
+from util import (NORMS, checkpoint_data_level, checkpoint_data_seed, checkpoint_norm, checkpoint_tokenizer,
+                  make_parser, masking_noise)
 MODES = ("recon", "caption", "attention")  # "all" runs the three; "attention" writes two files
 
 # Default word for the word-attention map: the first word that names a shape in the built-in vocabulary (the
@@ -60,8 +60,8 @@ def build_parser():
     a = p.add_argument
     a("--ckpt", required=True, default=argparse.SUPPRESS, help="checkpoint file from train.py or convert.py (a "
       "dict with 'model' and 'config'); required")
-    a("--tokenizer", help="a sentencepiece .model or BERT vocab.txt; if not given, the one the checkpoint carries, else "
-      "the run's --tokenizer, else tokenizer.model next to the checkpoint")
+    a("--tokenizer", help="a sentencepiece .model or BERT vocab.txt; if not given, the one the checkpoint carries, "
+      "else the run's --tokenizer, else tokenizer.model next to the checkpoint")
     a("--mode", default="all", choices=[*MODES, "all"], help="which figures: recon, caption (the caption's "
       "effect), attention (word -> patches and patch -> words), or all")
     a("--out-dir", help="where the PNGs go; if not given, viz/ next to the checkpoint")
