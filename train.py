@@ -705,6 +705,11 @@ def main(argv=None):
     if finished and env.master and args.probe and probe_sets is not None:
         result = end_of_run_check(model, tokenizer, probe_sets, args, progress["step"])
     if env.ddp:
+        # Leave together: rank 0 may still be writing the last checkpoint or probing, and a gloo rank that tears
+        # its process group down while a peer is busy can abort at exit (SIGABRT seen once in CI). The DDP wrapper
+        # holds the process group too, so it goes first.
+        dist.barrier()
+        del step_model
         dist.destroy_process_group()
     if lock:
         lock.close()
