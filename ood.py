@@ -193,7 +193,9 @@ def main(argv=None):
 
     g = fit_gaussians(train.x.numpy(), train.y.numpy())
     (md_in, rmd_in), (md_ood, rmd_ood) = mahalanobis_scores(g, x_in.numpy()), mahalanobis_scores(g, x_ood.numpy())
-    head, fit, fit_rows = probe.fit_linear_head(args, d, model, model_key, train, len(train.classes))
+    recipe, lr_grid = probe.recipe_from_args(args, d.real)
+    head, fit, fit_rows = probe.fit_linear_head(d, model, model_key, train, len(train.classes), recipe, lr_grid,
+                                                args.val_fraction, args.seed, args.workers)
     scores = {
         "mahalanobis": ood_metrics(md_in, md_ood),
         "relative_mahalanobis": ood_metrics(rmd_in, rmd_ood),
@@ -201,7 +203,7 @@ def main(argv=None):
     }
     with torch.no_grad():
         head_top1 = probe.topk_accuracy(head(x_in), test.y, ks=(1,))[1]
-    name = probe.result_name("ood", d, args)
+    name = probe.result_name("ood", d, recipe=args.recipe)
     if d.real:
         name = name.replace(f"ood_{d.name}", f"ood_{d.name}_vs_{probe.folder_name(d.folders['ood'])}", 1)
     result = dict(

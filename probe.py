@@ -892,57 +892,61 @@ def head_recipe(optimizer="lars", epochs=90, batch_size=256, base_lr=None, warmu
                 warmup_epochs=warmup_epochs, weight_decay=weight_decay)
 
 
-def recipe_from_args(args, default_epochs=90):
-    """The head recipe from the flags: --recipe paper is the paper's fixed one (base lr 0.1 unless --base-lr, on
-    any data); --recipe grid the same schedule with the lr left to the grid."""
-    return head_recipe(args.optimizer, args.epochs if args.epochs is not None else default_epochs, args.batch_size,
-                       args.base_lr, args.warmup_epochs, args.weight_decay, real_data=True)
+def recipe_from_args(args, real_data, full=False):
+    """The head recipe from probe.py's / ood.py's head flags (the one place they become values): --recipe paper is
+    the paper's fixed one (base lr 0.1 unless --base-lr, on any data); --recipe grid the same schedule with the lr
+    left to --lr-grid. Epochs if not given: 90, or 10 for --mode full on the built-in data (an encoder pass per
+    image per epoch)."""
+    epochs = args.epochs if args.epochs is not None else (90 if real_data or not full else 10)
+    recipe = head_recipe(args.optimizer, epochs, args.batch_size, args.base_lr, args.warmup_epochs,
+                         args.weight_decay, real_data=True)
+    return recipe, (sorted(args.lr_grid) if args.recipe == "grid" else None)
 
 
-def fit_linear_head(args, d, model, model_key, train, num_classes, full=False):
-    """The linear head probe.py reports and ood.py's MSP reads, from the flags: (head (make_head module, eval, on
-    the CPU), fit info for the JSON, rows of `train` it was fitted on).
+def fit_linear_head(d, model, model_key, train, num_classes, recipe, lr_grid=None, val_fraction=0.1, seed=0,
+                    workers=0, full=False):
+    """The linear head probe.py reports and ood.py's MSP reads: (head (make_head module, eval, on the CPU), fit
+    info for the JSON, rows of `train` it was fitted on). recipe: head_recipe's dict.
 
-    --recipe paper: one head on the whole training split at the fixed lr. --recipe grid: a HeadGrid over
-    --lr-grid fitted on the training split minus a stratified --val-fraction (or on all of it, with --val-dir),
-    the lr chosen on that validation split by choose_lr, never on test; the chosen head is kept as trained (no
-    refit on train + val). full: each epoch's batches augmented through the encoder (probe.py --mode full)."""
-    default_epochs = 90 if d.real or not full else 10  # full mode: an encoder pass per image per epoch
-    recipe = recipe_from_args(args, default_epochs)
+    lr_grid None (--recipe paper): one head on the whole training split at recipe's base lr. lr_grid given
+    (--recipe grid): a HeadGrid over those base lrs fitted on the training split minus a stratified val_fraction
+    (or on all of it when d has a "val" folder), the lr chosen on that validation split by choose_lr, never on
+    test; the chosen head is kept as trained (no refit on train + val). full: each epoch's batches augmented
+    through the encoder (probe.py --mode full)."""
     epochs = recipe["epochs"]
-    info = dict(recipe=dict(name=args.recipe, **recipe))
+    info = dict(recipe=dict(name="paper" if lr_grid is None else "grid", **recipe))
     info["recipe"]["warmup_epochs"] = epochs / 9 if recipe["warmup_epochs"] is None else recipe["warmup_epochs"]
-    if args.recipe == "grid":
-        if args.val_dir:
+    if lr_grid is not None:
+        if "val" in d.folders:
             val = split_features(model, d, "val", model_key)
             fit_rows, xval, yval = torch.arange(len(train.x)), val.x, val.y
-            on = f"--val-dir {args.val_dir}"
+            on = f"--val-dir {d.folders['val']}"
         else:
-            fit_rows, val_rows = stratified_split(train.y, args.val_fraction, args.seed)
+            fit_rows, val_rows = stratified_split(train.y, val_fraction, seed)
             if len(val_rows) == 0:
                 raise SystemExit(f"{train.what}: {len(train.x)} usable images are too few to hold out "
-                                 f"--val-fraction {args.val_fraction} for choosing the lr; give --val-dir, a larger "
+                                 f"--val-fraction {val_fraction} for choosing the lr; give --val-dir, a larger "
                                  "--val-fraction, or --recipe paper")
             xval, yval = train.x[val_rows], train.y[val_rows]
-            on = (f"{args.val_fraction:g} of {train.what} held out (stratified by class, seed {args.seed}); the "
+            on = (f"{val_fraction:g} of {train.what} held out (stratified by class, seed {seed}); the "
                   "head is fitted on the rest")
     else:
         fit_rows = torch.arange(len(train.x))
     xfit, yfit = train.x[fit_rows], train.y[fit_rows]
-    batch = min(args.batch_size, len(fit_rows))
+    batch = min(recipe["batch_size"], len(fit_rows))
     t0 = time.perf_counter()
-    lrs = sorted(args.lr_grid) if args.recipe == "grid" else None
+    lrs = sorted(lr_grid) if lr_grid is not None else None
     if full:
         source, _, _, _ = labelled_source(d, "train", model.config.image_size)
         source = torch.utils.data.Subset(source, train.index[fit_rows].tolist())
         augment = data.PretrainTransform(model.config.image_size, d.mean, d.std, scale=(0.08, 1.0))  # paper's aug
-        trained = train_head_full(model, data.LabelledDataset(source, augment), num_classes, seed=args.seed,
-                                  workers=args.workers, base_lrs=lrs, **recipe)
+        trained = train_head_full(model, data.LabelledDataset(source, augment), num_classes, seed=seed,
+                                  workers=workers, base_lrs=lrs, **recipe)
     elif lrs is not None:
-        trained = train_grid_on_features(xfit, yfit, num_classes, lrs, seed=args.seed,
+        trained = train_grid_on_features(xfit, yfit, num_classes, lrs, seed=seed,
                                          **{k: v for k, v in recipe.items() if k != "base_lr"})
     else:
-        trained = train_head_on_features(xfit, yfit, num_classes, seed=args.seed, **recipe)
+        trained = train_head_on_features(xfit, yfit, num_classes, seed=seed, **recipe)
     trained = trained.cpu()
     if lrs is None:
         head = trained
@@ -1020,20 +1024,17 @@ def builtin_text_grounding(model, tokenizer, data_seed=0, level="easy", seed=0, 
 # -----------------------------------------------------------------------------
 
 
-def result_name(prefix, d, args):
+def result_name(prefix, d, mode=None, recipe="grid"):
     """probe_<dataset>_<mode>[_paper] / ood_<dataset>_vs_<ood>[_paper] (the caller adds _random_init)."""
-    return prefix + "_" + d.name + "".join(f"_{x}" for x in args_tags(args))
+    tags = ([mode] if mode else []) + (["paper"] if recipe == "paper" else [])
+    return prefix + "_" + d.name + "".join(f"_{x}" for x in tags)
 
 
-def args_tags(args):
-    return ([args.mode] if hasattr(args, "mode") else []) + (["paper"] if args.recipe == "paper" else [])
-
-
-def save_head(path, head, classes, d, model, model_key, args, fit):
+def save_head(path, head, classes, d, model, model_key, ckpt, random_init, fit):
     save_atomic(dict(head=head.state_dict(), classes=list(classes), feature="CLS after the encoder's final norm",
                      view=dict(image_size=model.config.image_size, crop_pct=d.crop_pct, mean=list(d.mean),
                                std=list(d.std)),
-                     ckpt=args.ckpt, random_init=args.random_init, model_hash=model_key[:16], recipe=fit["recipe"]),
+                     ckpt=ckpt, random_init=random_init, model_hash=model_key[:16], recipe=fit["recipe"]),
                 path)
 
 
@@ -1051,7 +1052,10 @@ def main(argv=None):
     t_features = time.perf_counter() - t0
 
     knn = knn_accuracy(train.x, train.y, test.x, test.y, num_classes, args.knn_k, args.knn_t)
-    head, fit, fit_rows = fit_linear_head(args, d, model, model_key, train, num_classes, full=args.mode == "full")
+    full = args.mode == "full"
+    recipe, lr_grid = recipe_from_args(args, d.real, full)
+    head, fit, fit_rows = fit_linear_head(d, model, model_key, train, num_classes, recipe, lr_grid, args.val_fraction,
+                                          args.seed, args.workers, full)
     with torch.no_grad():
         test_acc = topk_accuracy(head(test.x), test.y)
         fit_acc = topk_accuracy(head(train.x[fit_rows]), train.y[fit_rows])
@@ -1073,10 +1077,11 @@ def main(argv=None):
         pretraining=pretraining_info(ckpt),
         seconds=dict(features=round(t_features, 1), head=fit["seconds"]),
     )
-    out = out_path_for(args.ckpt, args.out, args.preset, args.random_init, result_name("probe", d, args))
+    name = result_name("probe", d, args.mode, args.recipe)
+    out = out_path_for(args.ckpt, args.out, args.preset, args.random_init, name)
     write_result(result, out)
     if args.save_head:
-        save_head(args.save_head, head, train.classes, d, model, model_key, args, fit)
+        save_head(args.save_head, head, train.classes, d, model, model_key, args.ckpt, args.random_init, fit)
     name = "random-init encoder" if args.random_init else (args.ckpt or "")
     how = (f"lr grid, base lr {fit['recipe']['base_lr']:g} chosen on {sel['val_size']} validation images "
            f"(val top-1 {sel['val_top1']:.2f}%)" if sel else f"fixed base lr {fit['recipe']['base_lr']:g}")
