@@ -23,7 +23,6 @@ Dense kernel is (in, out), the transpose of a torch Linear weight. Reading the o
 from the file: see SafeUnpickler.
 """
 
-import argparse
 import ast
 import io
 import math
@@ -38,6 +37,7 @@ import torch
 
 from data import CC12M_MEAN, CC12M_STD, IMAGENET_MEAN, IMAGENET_STD
 from tokenizer import load_tokenizer
+from util import HelpFormatter, make_parser
 
 
 class ConversionError(ValueError):
@@ -877,11 +877,11 @@ def _vit_name(config, mae=False):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="convert.py", description=__doc__.split("\n\n")[0])
+    parser = make_parser(__doc__.split("\n\n")[0], prog="convert.py")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in (("official", "official JAX checkpoint (pickle or .npz) -> ours"),
                         ("mae", "facebookresearch/mae checkpoint -> ours (image path)")):
-        p = sub.add_parser(name, help=help_)
+        p = sub.add_parser(name, help=help_, formatter_class=HelpFormatter)
         p.add_argument("ckpt")
         p.add_argument("out")
         p.add_argument("--image-size", type=int, help="default: the file's own, else 256 (official) / 224 (mae)")
@@ -900,7 +900,7 @@ def main(argv=None):
     for name, help_ in (("to-official", "ours -> official flat names (.npz, or .pkl for official scripts)"),
                         ("to-timm", "our encoder -> a timm VisionTransformer state_dict (no head)"),
                         ("to-mae", "our image path -> a facebookresearch/mae checkpoint {'model': ...}")):
-        p = sub.add_parser(name, help=help_)
+        p = sub.add_parser(name, help=help_, formatter_class=HelpFormatter)
         p.add_argument("ckpt")
         p.add_argument("out")
     args = parser.parse_args(argv)

@@ -8,9 +8,10 @@ import glob
 import json
 import os
 import re
-import sys
 
 import numpy as np
+
+from util import make_parser
 
 
 # sweep.sh's run names -> what they are; the paper's numbers (ImageNet linear probe / OOD AUROC, CC12M pretraining)
@@ -118,12 +119,12 @@ def write_table(sweep_dir):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1 or argv[0].startswith("-"):
-        sys.exit(f"usage: python sweep.py SWEEP_DIR\n{__doc__}")
-    if not os.path.isdir(argv[0]):
-        sys.exit(f"sweep.py: error: {argv[0]} is not a folder")
-    return write_table(argv[0])
+    p = make_parser(__doc__)
+    p.add_argument("sweep_dir", help="the OUT folder of a sweep.sh run")
+    args = p.parse_args(argv)
+    if not os.path.isdir(args.sweep_dir):
+        p.error(f"sweep_dir: {args.sweep_dir} is not a folder")
+    return write_table(args.sweep_dir)
 
 
 if __name__ == "__main__":

@@ -5,11 +5,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch
 import data, train
 from tokenizer import load_tokenizer
-from util import mix_seed
+from util import make_parser, mix_seed
 
-root = os.environ.get("ROOT", "runs/realdata")  # where build.sh put the sets
+p = make_parser(__doc__ + "\n    ROOT=runs/realdata python bench/boundary.py runs/u2/tokenizer.model")
+p.add_argument("tokenizer", help="any tokenizer.model, e.g. from a train.py run on these shards")
+args = p.parse_args()
+root = os.environ.get("ROOT", "runs/realdata")  # where docs/realdata/build.sh put the sets
 shards = f"{root}/captions/wds/{{00000..00006}}.tar"
-tok = load_tokenizer(sys.argv[1])  # any tokenizer.model, e.g. from a train.py run on these shards
+tok = load_tokenizer(args.tokenizer)
 env = train.Env(0, 1, torch.device("cpu"), None, False)
 B, workers, steps_per_epoch, epochs = 64, 2, 8, 4
 def dataset():

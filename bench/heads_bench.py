@@ -8,7 +8,6 @@ M3AE.forward(predictions=False)). Decoder outputs are random leaves, so nothing 
 Half-length captions (as train.py --bench). Times: medians of --repeats interleaved runs after one warm-up each.
 """
 
-import argparse
 import os
 import statistics
 import sys
@@ -20,10 +19,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # model.py
 
 from model import M3AE, make_config  # noqa: E402
+from util import make_parser  # noqa: E402
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--preset", default="base")
     p.add_argument("--batch", type=int, default=256)

@@ -8,7 +8,6 @@ Everything after `--` goes to train.py's parser (so a flag it refuses is refused
 the rate with the training run's images/s: if they are close, the input pipeline is what limits the run.
 """
 
-import argparse
 import os
 import sys
 import time
@@ -16,12 +15,13 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # train.py, data.py, ...
 
 import train  # noqa: E402
+from util import make_parser  # noqa: E402
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     split = argv.index("--") if "--" in argv else len(argv)
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--batches", type=int, default=20, help="global batches timed after the first")
     ours = p.parse_args(argv[:split])
     args = train.get_args(argv[split + 1 :])

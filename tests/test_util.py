@@ -1,6 +1,9 @@
 """util.py: the lr schedule, seed mixing, masking noise, the help formatter and the checkpoint conventions."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -38,3 +41,19 @@ def test_checkpoint_norm_prefers_the_data_entry_then_args():
     assert util.checkpoint_norm({"args": {"data": "csv"}}) == util.NORMS["cc12m"]
     assert util.checkpoint_norm({}) == util.NORMS["builtin"]
     assert util.checkpoint_norm({}, real_data_default=True) == util.NORMS["cc12m"]
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ["train.py", "probe.py", "ood.py", "viz.py", "convert.py", "sweep.py", "builtin.py", "bench/boundary.py",
+           "bench/fake_shards.py", "bench/heads_bench.py", "bench/loader_speed.py", "kernels/bench.py",
+           "kernels/compile_check.py"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_answers_help(script):
+    # `--help` exits 0 with a usage line and does no work; the main scripts show each flag's default (util's formatter)
+    done = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert done.returncode == 0 and done.stdout.startswith("usage:"), done.stderr[-2000:]
+    if script in ("train.py", "probe.py", "ood.py", "viz.py"):
+        assert "(default: " in done.stdout
