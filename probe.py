@@ -900,7 +900,7 @@ def recipe_from_args(args, real_data, full=False):
     epochs = args.epochs if args.epochs is not None else (90 if real_data or not full else 10)
     recipe = head_recipe(args.optimizer, epochs, args.batch_size, args.base_lr, args.warmup_epochs,
                          args.weight_decay, real_data=True)
-    return recipe, (sorted(args.lr_grid) if args.recipe == "grid" else None)
+    return recipe, (list(args.lr_grid) if args.recipe == "grid" else None)
 
 
 def fit_linear_head(d, model, model_key, train, num_classes, recipe, lr_grid=None, val_fraction=0.1, seed=0,
