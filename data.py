@@ -58,6 +58,9 @@ CC12M_MEAN, CC12M_STD = (0.5762, 0.5503, 0.5213), (0.3207, 0.3169, 0.3307)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # Largest image decoded (pixels); PIL's own bomb limit (Image.MAX_IMAGE_PIXELS) also applies.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+# Most shards a --wds-shards pattern may name (CC12M is 1,243 shards; LAION-5B at 10,000 samples a shard is
+# 500,000): '{0..999999999}' is refused before expanding it, not after filling the memory with names.
+MAX_SHARDS = 1_000_000
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 PAIRED, IMAGE_ONLY, TEXT_ONLY = 0, 1, 2  # sample roles (paired_share_roles)
 
@@ -558,8 +561,13 @@ class LabelledDataset(torch.utils.data.Dataset):
 def expand_shards(spec):
     """'dir/{00000..00009}.tar' (zero-padded ranges, also {a,b}), comma lists, globs, or a list of those ->
     list of paths, in order. Every shard must be a file when this is called: a glob that matches nothing, or
-    listed paths that are not files, raise ValueError naming them. (A shard that goes missing later, while
-    it is read, is counted as a missing_shard skip.)"""
+    listed paths that are not files, raise ValueError naming them. So does a pattern of more than MAX_SHARDS
+    shards, counted before anything is expanded ('{0..999999999}' would not fit in memory). (A shard that goes
+    missing later, while it is read, is counted as a missing_shard skip.)"""
+    n = _count(spec)
+    if n > MAX_SHARDS:
+        raise ValueError(f"the shard pattern {spec!r} expands to {n:,} shards, more than the {MAX_SHARDS:,} "
+                         "allowed: check its {a..b} ranges")
     paths = _expand(spec)
     if not paths:
         raise ValueError(f"no shards in {spec!r}")
@@ -570,32 +578,58 @@ def expand_shards(spec):
     return paths
 
 
+def _top_level_parts(spec):
+    """spec split on the commas outside braces."""
+    parts, depth, start = [], 0, 0
+    for k, ch in enumerate(spec):
+        depth += (ch == "{") - (ch == "}")
+        if ch == "," and depth == 0:
+            parts.append(spec[start:k])
+            start = k + 1
+    return parts + [spec[start:]]
+
+
+def _brace_items(body):
+    """(how many, the items) of one innermost brace group: a zero-padded range 'a..b', made lazily (its length is
+    known without building it, whatever its size), else the comma-separated items."""
+    rng = re.fullmatch(r"(\d{1,18})\.\.(\d{1,18})", body)  # (longer numbers: int() refuses 4,300 digits)
+    if rng:
+        a, b = rng.groups()
+        numbers = range(int(a), int(b) + 1)
+        return len(numbers), (str(n).zfill(len(a)) for n in numbers)
+    items = body.split(",")
+    return len(items), iter(items)
+
+
+def _count(spec):
+    """How many patterns _expand(spec) makes (a glob counts as one), without making them. Every item of a brace
+    group stands in the same place of the same string, so the first item's count is each item's count."""
+    if isinstance(spec, (list, tuple)):
+        return sum(_count(s) for s in spec)
+    parts = _top_level_parts(spec.strip())
+    if len(parts) > 1:
+        return sum(_count(s) for s in parts)
+    m = re.search(r"\{([^{}]*)\}", parts[0])
+    if not m:
+        return 1 if parts[0] else 0
+    n, items = _brace_items(m.group(1))
+    return n * _count(parts[0][: m.start()] + next(items, "") + parts[0][m.end() :])
+
+
 def _expand(spec):
     """expand_shards without the checks on files, except that a glob must match something."""
     if isinstance(spec, (list, tuple)):
         return [p for s in spec for p in _expand(s)]
     spec = spec.strip()
-    parts, depth, start = [], 0, 0
-    for k, ch in enumerate(spec):  # split on commas outside braces
-        depth += (ch == "{") - (ch == "}")
-        if ch == "," and depth == 0:
-            parts.append(spec[start:k])
-            start = k + 1
-    parts.append(spec[start:])
+    parts = _top_level_parts(spec)
     if len(parts) > 1:
         return [p for s in parts for p in _expand(s)]
     if not spec:
         return []
     m = re.search(r"\{([^{}]*)\}", spec)
     if m:
-        head, tail, body = spec[: m.start()], spec[m.end() :], m.group(1)
-        rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-        if rng:
-            a, b = rng.groups()
-            items = [str(n).zfill(len(a)) for n in range(int(a), int(b) + 1)]
-        else:
-            items = body.split(",")
-        return [p for item in items for p in _expand(head + item + tail)]
+        head, tail = spec[: m.start()], spec[m.end() :]
+        return [p for item in _brace_items(m.group(1))[1] for p in _expand(head + item + tail)]
     if any(c in spec for c in "*?["):
         matches = sorted(glob.glob(spec))
         if not matches:

@@ -10,6 +10,8 @@ import json
 import os
 import re
 import struct
+import subprocess
+import sys
 import tarfile
 import zlib
 from pathlib import Path
@@ -694,6 +696,36 @@ def test_expand_shards_refuses_what_is_not_there(tmp_path, monkeypatch, tok, t64
         data.expand_shards(spec)
     with pytest.raises(ValueError, match=message):
         data.WebDatasetShards(spec, tok, TEXT_LEN, t64)
+
+
+# Expands a pattern in a child process whose address space is capped 512 MiB above what it uses after its
+# imports: a list of 10^9 names fails there with MemoryError, not by filling this machine.
+_EXPAND_CAPPED = """
+import resource, sys, time
+import data
+used = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (used + (512 << 20), resource.RLIM_INFINITY))
+start = time.perf_counter()
+try:
+    data.expand_shards(sys.argv[1])
+except Exception as e:
+    print(type(e).__name__, round(time.perf_counter() - start, 3), str(e))
+"""
+
+
+@pytest.mark.parametrize("spec, count", [("/x/{0..999999999}.tar", "1,000,000,000"),
+                                         ("/x/{0..999}/{0..9999}.tar, /y.tar", "10,000,001")])
+def test_expand_shards_refuses_a_huge_pattern_before_expanding_it(spec, count):
+    """'{0..999999999}' (a slip of the finger) is counted, not expanded: refused at once, in one line naming
+    the pattern, the count and the limit, without the memory a billion names would take."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", _EXPAND_CAPPED, spec], cwd=root, capture_output=True, text=True,
+                         timeout=120).stdout.strip()
+    kind, seconds, message = (out.split(" ", 2) + ["", ""])[:3]  # old code: "MemoryError 2.1 "
+    assert kind == "ValueError" and float(seconds) < 1.0, out
+    assert message == (f"the shard pattern {spec!r} expands to {count} shards, more than the 1,000,000 allowed: "
+                       "check its {a..b} ranges")
+    assert data._count("d/{000..002}-{a,b}.tar, e.tar") == 7 and data.MAX_SHARDS == 1_000_000
 
 
 @pytest.mark.parametrize("n_shards", [6, 3])  # more shards than 2 ranks x 2 workers, and fewer
