@@ -58,6 +58,12 @@ CC12M_MEAN, CC12M_STD = (0.5762, 0.5503, 0.5213), (0.3207, 0.3169, 0.3307)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # Largest image decoded (pixels); PIL's own bomb limit (Image.MAX_IMAGE_PIXELS) also applies.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+# Largest webdataset members read, by the size in their tar header (checked before reading): an image member
+# (far above any photo: a 64 MiB JPEG is a 100+ MP image, refused by MAX_PIXELS anyway) and a caption member
+# (.txt, .json: MAX_CAPTION_CHARS characters are 16 KiB at most; img2dataset's JSON adds a few KB). A larger one
+# skips its sample ("too_large") instead of being read whole into memory.
+MAX_IMAGE_MEMBER_BYTES = 64 << 20
+MAX_CAPTION_MEMBER_BYTES = 1 << 20
 # Most shards a --wds-shards pattern may name (CC12M is 1,243 shards; LAION-5B at 10,000 samples a shard is
 # 500,000): '{0..999999999}' is refused before expanding it, not after filling the memory with names.
 MAX_SHARDS = 1_000_000
@@ -664,6 +670,7 @@ def shard_plan(shards, world=1, workers=1, seed=0, epoch=0):
 
 
 _SHARD_ERROR = "/error"  # marks a missing or damaged shard; no member's extension can contain "/"
+_SAMPLE_SKIP = "/skip"  # marks a sample not to read (a member too large), with its skip reason
 
 
 class WebDatasetShards(torch.utils.data.IterableDataset):
@@ -717,7 +724,9 @@ class WebDatasetShards(torch.utils.data.IterableDataset):
 
     def _groups(self, path, wanted):
         """Yield (key, {ext: bytes}) per sample of one shard, in order; a sample's members are read only if
-        wanted(n) for its index n in the shard, else it comes as (key, None). A missing or damaged shard
+        wanted(n) for its index n in the shard, else it comes as (key, None). Members that no image or caption
+        key names are listed but not read (None). A sample with a member larger than its bound (by the tar
+        header, before reading) comes as (key, {_SAMPLE_SKIP: "too_large"}). A missing or damaged shard
         yields (path, {_SHARD_ERROR: reason}) and ends."""
         key, members, n = None, None, -1
         try:
@@ -735,8 +744,13 @@ class WebDatasetShards(torch.utils.data.IterableDataset):
                             yield key, members
                         key, n = k, n + 1
                         members = {} if wanted(n) else None
-                    if members is not None:
-                        members[ext.lower()] = tar.extractfile(m).read()
+                    if members is not None and _SAMPLE_SKIP not in members:
+                        ext = ext.lower()
+                        limit = self._member_limit(ext)
+                        if limit is not None and m.size > limit:
+                            members = {_SAMPLE_SKIP: "too_large"}  # its other members are not read either
+                        else:
+                            members[ext] = tar.extractfile(m).read() if limit is not None else None
         except FileNotFoundError:
             yield path, {_SHARD_ERROR: "missing_shard"}
             return
@@ -747,6 +761,12 @@ class WebDatasetShards(torch.utils.data.IterableDataset):
             return
         if key is not None:
             yield key, members
+
+    def _member_limit(self, ext):
+        """The most bytes read of a member with this extension; None for one no key names (never read)."""
+        if ext in self.caption_keys:
+            return MAX_CAPTION_MEMBER_BYTES
+        return MAX_IMAGE_MEMBER_BYTES if ext in self.image_keys else None
 
     def _raw(self, epoch):
         """This slot's raw samples of the epoch, in shard order: (key, members)."""
@@ -797,7 +817,8 @@ class WebDatasetShards(torch.utils.data.IterableDataset):
     def _check_keys(self, window=16):
         """Raise if none of the first `window` samples has an image member, or none has a caption."""
         head = ((path, members) for path in self.shards for _, members in self._groups(path, lambda n: True))
-        readable = [(path, m) for path, m in itertools.islice(head, window) if _SHARD_ERROR not in m]
+        readable = [(path, m) for path, m in itertools.islice(head, window)
+                    if _SHARD_ERROR not in m and _SAMPLE_SKIP not in m]
         if not readable:
             return  # nothing readable up front: damaged shards are counted as skips when read
         where = f"{readable[0][0]}: the first {len(readable)} samples"
@@ -810,8 +831,9 @@ class WebDatasetShards(torch.utils.data.IterableDataset):
                              f"its \"caption\" field); their members are {seen}")
 
     def _sample(self, key, members):
-        if _SHARD_ERROR in members:
-            return _skip(members[_SHARD_ERROR], _pretrain_placeholder(self.transform.image_size, self.text_len))
+        for mark in (_SHARD_ERROR, _SAMPLE_SKIP):
+            if mark in members:
+                return _skip(members[mark], _pretrain_placeholder(self.transform.image_size, self.text_len))
         image, caption = self._image(members), self._caption(members)
         if image is None:
             return _skip("missing", _pretrain_placeholder(self.transform.image_size, self.text_len))

@@ -778,6 +778,28 @@ def test_shards_bad_members_and_paired_share(tmp_path, tok, t64):
         iter(data.WebDatasetShards(paths)).__next__()  # captions() only: no tokenizer, no samples
 
 
+def test_shard_members_larger_than_their_bound_are_skipped_unread(tmp_path, tok, t64, monkeypatch):
+    """A member's size is taken from its tar header before it is read: an image over MAX_IMAGE_MEMBER_BYTES or
+    a caption over MAX_CAPTION_MEMBER_BYTES skips its sample ("too_large") without being read (a 1 GB member
+    would otherwise be read whole into memory); members no key names are never read. The bounds are lowered
+    here so that the shard stays small."""
+    monkeypatch.setattr(data, "MAX_IMAGE_MEMBER_BYTES", 20_000)
+    monkeypatch.setattr(data, "MAX_CAPTION_MEMBER_BYTES", 2_000)
+    shard = write_tar(tmp_path / "0.tar", [
+        ("ok.jpg", jpeg_bytes(40, 30)), ("ok.txt", b"a fine sample"), ("ok.mp4", os.urandom(50_000)),
+        ("bigimg.jpg", os.urandom(20_001)), ("bigimg.txt", b"its image is too large"),
+        ("bigcap.jpg", jpeg_bytes(40, 30)), ("bigcap.txt", b"x" * 2_001)])
+    read = []
+    extractfile = tarfile.TarFile.extractfile
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", lambda tar, m: read.append(m.name) or extractfile(tar, m))
+    ds = data.WebDatasetShards(shard, tok, TEXT_LEN, t64, shuffle_buffer=0)
+    batches = list(torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=data.collate))
+    assert batches[0]["skipped"] == {"too_large": 2}
+    assert [tok.decode(t) for t in batches[0]["text"]] == ["a fine sample"]
+    assert not {"ok.mp4", "bigimg.jpg", "bigcap.txt"} & set(read) and "ok.jpg" in read
+    assert list(ds.captions()) == [b"a fine sample"]  # the tokenizer corpus: the samples the run reads
+
+
 def test_shard_plan_is_what_each_slot_reads(tmp_path, tok, t64):
     paths, total = write_shards(tmp_path, 6, 3)
     shard_of = {f"sample {k}": paths[k // 3] for k in range(total)}
