@@ -10,7 +10,8 @@ Conventions (model.py's, restated):
 
 Bad input never raises out of a dataset. A sample that cannot be used comes back as a dict with a "skip"
 key naming the reason (plus zero placeholders of the right shapes, so that a batch of nothing but skips
-still has 0-row tensors); `collate` drops it and counts it. Reasons: missing, unreadable, empty_file,
+still has 0-row tensors); `collate` drops it and counts it. Reasons: missing, broken_link (a symlink whose
+target is gone, or a loop of links), unreadable, empty_file,
 corrupt (truncated, undecodable, not an image), too_large (decompression bomb), empty_caption (a text-only
 sample with nothing to read), missing_shard / corrupt_shard (a shard gone or damaged while reading).
 Inputs that can be repaired are converted and counted as "converted:<what>": cmyk, greyscale,
@@ -120,7 +121,7 @@ def load_image(src, size=None, max_pixels=MAX_PIXELS, notes=None):
     I;16/I and float F scaled to 8 bits, not clipped; palette P with or without transparency; alpha
     RGBA/LA/PA composited on white), an EXIF Orientation other than 1 is applied (as
     PIL.ImageOps.exif_transpose does: "exif_rotated"), and each conversion is appended to `notes` (a list)
-    when given. Skips: missing, unreadable, empty_file, too_large (more than max_pixels, or PIL's
+    when given. Skips: missing, broken_link, unreadable, empty_file, too_large (more than max_pixels, or PIL's
     decompression-bomb limit, checked from the header before decoding), corrupt (truncated or undecodable).
     """
     if isinstance(src, Image.Image):
@@ -171,10 +172,10 @@ def _decode(src, size, max_pixels):
             raise SkipSample("empty_file")
         with open(path, "rb") as f:
             return _open(f, size, max_pixels)
-    except FileNotFoundError:
-        raise SkipSample("missing") from None
-    except OSError:  # a directory, no permission, an I/O error
-        raise SkipSample("unreadable") from None
+    except OSError as e:  # gone, a directory, no permission, an I/O error
+        if os.path.islink(path) and not os.path.exists(path):  # its target gone, or a loop of links
+            raise SkipSample("broken_link") from None
+        raise SkipSample("missing" if isinstance(e, FileNotFoundError) else "unreadable") from None
 
 
 def _open(fp, size, max_pixels):
@@ -295,14 +296,41 @@ class EvalTransform:
 # sources on disk (map-style: records of dict(image, caption[, label]))
 
 
-def _image_files(root):
-    """Every image under root, recursively, sorted (hidden files and folders left out)."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out += [os.path.join(dirpath, f) for f in sorted(filenames)
-                if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+def _image_files(root, broken_links=False):
+    """Every image under root, recursively, sorted, files before sub-folders (hidden files and folders left
+    out). Symlinked folders are followed (as torchvision's ImageFolder follows them), each real folder once:
+    a link back up the tree (a loop) or a second link to a listed folder adds nothing, so the walk ends. A
+    link that leads nowhere (its target gone, or a loop of links) is left out, so that every path listed can
+    be stat'ed; with broken_links=True it is listed too, for a dataset to skip and count as "broken_link"."""
+    out, seen, stack = [], set(), [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            st = os.stat(folder)
+            with os.scandir(folder) as it:
+                entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+        except OSError:  # gone since it was listed, or no permission: nothing from it (as os.walk)
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        folders = []
+        for e in entries:
+            if _is_dir(e):
+                folders.append(e.path)
+            elif e.name.lower().endswith(IMAGE_EXTENSIONS) and (
+                    broken_links or not e.is_symlink() or os.path.exists(e.path)):
+                out.append(e.path)
+        stack += reversed(folders)  # depth first, in name order, like os.walk
     return out
+
+
+def _is_dir(entry):
+    """entry.is_dir(), following a link; False for a broken one (is_dir raises on a loop of links)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 class CsvPairs(torch.utils.data.Dataset):
@@ -396,10 +424,12 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def __init__(self, root):
         _require_folder(root)
-        self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+        self.classes = sorted(d.name for d in os.scandir(root) if _is_dir(d) and not d.name.startswith("."))
         if not self.classes:
             raise ValueError(f"{root}: no class sub-folders (ImageFolder reads root/<class>/**/*.jpg)")
-        self.samples = [(p, k) for k, c in enumerate(self.classes) for p in _image_files(os.path.join(root, c))]
+        # broken links are listed: loading them skips and counts them ("broken_link")
+        self.samples = [(p, k) for k, c in enumerate(self.classes)
+                        for p in _image_files(os.path.join(root, c), broken_links=True)]
         if not self.samples:
             raise ValueError(f"{root}: no images in its class sub-folders {', '.join(self.classes)} "
                              f"(extensions {' '.join(IMAGE_EXTENSIONS)})")
@@ -418,7 +448,7 @@ class ImageOnlyFolder(torch.utils.data.Dataset):
 
     def __init__(self, root):
         _require_folder(root)
-        self.files = _image_files(root)
+        self.files = _image_files(root, broken_links=True)  # loading a broken link skips it ("broken_link")
         if not self.files:
             raise ValueError(f"{root}: no images at any depth (extensions {' '.join(IMAGE_EXTENSIONS)})")
 

@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import threading
 import zlib
 from pathlib import Path
 
@@ -492,6 +493,46 @@ def test_image_folder_and_image_only_folder(tmp_path):
     assert batch["image"].shape == (5, 3, 16, 16) and batch["label"].dtype == torch.int64
     only = data.ImageOnlyFolder(tmp_path / "data")
     assert len(only) == 5 and only[0]["caption"] is None and list(only.captions()) == []
+
+
+def test_folders_with_broken_links_and_link_loops(tmp_path):
+    """A symlink whose target is gone, a loop of links (l1.jpg -> l2.jpg -> l1.jpg) and a folder link back up
+    the tree (cat/up -> root): the listing ends, a linked folder is followed and each real image listed once,
+    and a broken link is skipped and counted ("broken_link") when loaded, never a traceback. The plain listing
+    leaves broken links out, so that every path it gives can be stat'ed (probe.py's cache key stats them)."""
+    root, other = tmp_path / "root", tmp_path / "other"
+    cat = root / "cat"
+    cat.mkdir(parents=True)
+    other.mkdir()
+    save(Image.new("RGB", (20, 20), "red"), cat / "a.png")
+    save(Image.new("RGB", (20, 20), "blue"), other / "b.png")
+    (cat / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (cat / "l1.jpg").symlink_to(cat / "l2.jpg")
+    (cat / "l2.jpg").symlink_to(cat / "l1.jpg")
+    (cat / "up").symlink_to(root, target_is_directory=True)
+    (cat / "linked").symlink_to(other, target_is_directory=True)
+    (root / "x").symlink_to(root / "y")  # a loop of links beside the class folders: no class
+    (root / "y").symlink_to(root / "x")
+    listed = {}
+    worker = threading.Thread(target=lambda: listed.update(plain=data._image_files(root),
+                                                           all=data._image_files(root, broken_links=True)))
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "listing a folder with a link loop did not end"
+    names = [os.path.relpath(p, root) for p in listed["all"]]
+    assert names == ["cat/a.png", "cat/gone.jpg", "cat/l1.jpg", "cat/l2.jpg", "cat/linked/b.png"]
+    assert [os.path.relpath(p, root) for p in listed["plain"]] == ["cat/a.png", "cat/linked/b.png"]
+    assert all(os.stat(p).st_size > 0 for p in listed["plain"])
+    transform = data.EvalTransform(16, (0.5,) * 3, (0.5,) * 3)
+    folder = data.ImageFolder(root)
+    assert folder.classes == ["cat"] and len(folder) == 5
+    batch = data.collate([data.LabelledDataset(folder, transform)[i] for i in range(len(folder))])
+    assert batch["skipped"] == {"broken_link": 3} and batch["image"].shape == (2, 3, 16, 16)
+    only = data.ImageOnlyFolder(root)
+    batch = data.collate([data.PairedDataset(only, None, TEXT_LEN, transform)[i] for i in range(len(only))])
+    assert batch["skipped"] == {"broken_link": 3} and batch["has_image"].all() and len(batch["image"]) == 2
+    with pytest.raises(data.SkipSample, match="broken_link"):
+        data.load_image(str(cat / "l1.jpg"))
 
 
 def test_text_lines(tmp_path):
