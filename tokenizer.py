@@ -11,6 +11,7 @@ stores under "tokenizer": {"kind", "blob"}; tokenizer_from_bytes(kind, blob) reb
 reads either kind from a file, telling them apart by content; get_tokenizer() loads one or trains sentencepiece.
 """
 
+import errno
 import io
 import itertools
 import os
@@ -23,6 +24,12 @@ import torch
 from data import PAD_ID, UNK_ID, caption_text
 
 MAX_TOKENIZER_CAPTIONS = 2_000_000  # a tokenizer is trained on at most the first 2M captions
+# Bounds on a tokenizer file, checked before it is read whole: a checkpoint stores the tokenizer, so a huge one
+# would make every checkpoint huge. A 32000-piece sentencepiece model is about 0.8 MB; bert-base-uncased's
+# vocab.txt is 232 KB, its longest token a few dozen bytes.
+MAX_MODEL_BYTES = 64 << 20  # a sentencepiece .model
+MAX_VOCAB_BYTES = 16 << 20  # a WordPiece vocab.txt
+MAX_TOKEN_BYTES = 200  # one vocab.txt line
 
 
 def padded(ids, text_len):
@@ -43,12 +50,14 @@ class Tokenizer:
 
     kind = "sentencepiece"
 
-    def __init__(self, model_file=None, model_proto=None):
-        self.sp = spm.SentencePieceProcessor(model_proto=model_proto) if model_proto else \
-            spm.SentencePieceProcessor(model_file=model_file)
+    def __init__(self, model_file=None, model_proto=None, name=None):
+        name = name or model_file or "sentencepiece model"
+        if model_proto is None:
+            model_proto = read_bounded(model_file, MAX_MODEL_BYTES, "a sentencepiece model")
+        self.sp = _sentencepiece(model_proto, name)
         self.vocab_size = self.sp.get_piece_size()
         if self.sp.pad_id() != PAD_ID:
-            raise ValueError(f"{model_file or 'sentencepiece model'}: pad id is {self.sp.pad_id()}, expected {PAD_ID}")
+            raise ValueError(f"{name}: pad id is {self.sp.pad_id()}, expected {PAD_ID}")
 
     def to_bytes(self):
         """The serialized model proto: Tokenizer(model_proto=...) and tokenizer_from_bytes read it back."""
@@ -63,7 +72,8 @@ class Tokenizer:
 
     @classmethod
     def train(cls, captions, model_file, vocab_size):
-        """Train on an iterable of captions (str or bytes) and save to model_file (written atomically).
+        """Train on an iterable of captions (str or bytes) and save to model_file (write_atomic: never a partial
+        file, and a full disk says so).
         Deterministic: fixed seed and thread count. Uses the first MAX_TOKENIZER_CAPTIONS captions. If the
         corpus cannot fill vocab_size pieces, the vocabulary comes out smaller (sentencepiece's
         hard_vocab_limit=False) and we say so; if vocab_size is below the corpus's character count, it is
@@ -102,11 +112,7 @@ class Tokenizer:
         tok = cls(model_proto=proto.getvalue())
         if tok.vocab_size < vocab_size:
             print(f"tokenizer: the corpus supports {tok.vocab_size} pieces, fewer than the {vocab_size} asked for")
-        os.makedirs(os.path.dirname(os.path.abspath(model_file)), exist_ok=True)
-        tmp = f"{model_file}.tmp.{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(proto.getvalue())
-        os.replace(tmp, model_file)
+        write_atomic(model_file, proto.getvalue())
         return tok
 
     def encode(self, caption, text_len):
@@ -226,17 +232,16 @@ class WordPiece:
 
     kind = "wordpiece"
 
-    def __init__(self, vocab_file=None, vocab_bytes=None):
+    def __init__(self, vocab_file=None, vocab_bytes=None, name=None):
+        name = name or vocab_file or "WordPiece vocabulary"
         if vocab_bytes is None:
-            with open(vocab_file, "rb") as f:
-                vocab_bytes = f.read()
-        name = vocab_file or "WordPiece vocabulary"
+            vocab_bytes = read_bounded(vocab_file, MAX_VOCAB_BYTES, "a WordPiece vocab.txt")
         self.tokens = _vocab_lines(vocab_bytes, name)
         # a token listed twice keeps its last line, as BERT's vocabulary loader does
         self.vocab = {token: i for i, token in enumerate(self.tokens)}
         self.vocab_size = len(self.tokens)
-        if not self.tokens or self.tokens[0] != "[PAD]":
-            first = self.tokens[0] if self.tokens else ""
+        if self.tokens[0] != "[PAD]":
+            first = self.tokens[0]
             raise ValueError(f"{name}: first line is {first[:40]!r}, expected '[PAD]' (pad id {PAD_ID}): not a "
                              "WordPiece vocab.txt like bert-base-uncased's")
         if "[UNK]" not in self.vocab:
@@ -317,13 +322,24 @@ class WordPiece:
 
 def _vocab_lines(blob, name):
     """vocab.txt bytes -> its lines, read as BERT's loader reads them: UTF-8, universal newlines ('\n', '\r\n'
-    or '\r' end a line), a final newline optional."""
+    or '\r' end a line), a final newline optional. Refused (ValueError naming it): empty, over MAX_VOCAB_BYTES,
+    not UTF-8, or a line over MAX_TOKEN_BYTES."""
+    if not blob:
+        raise ValueError(f"{name}: empty: a WordPiece vocab.txt has one token per line, [PAD] first")
+    if len(blob) > MAX_VOCAB_BYTES:
+        raise ValueError(f"{name}: {len(blob):,} bytes, more than the {MAX_VOCAB_BYTES:,} a WordPiece vocab.txt "
+                         "may have (bert-base-uncased's is 231,508)")
     try:
         text = blob.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"{name}: not UTF-8 text (byte {e.start}): not a WordPiece vocab.txt") from None
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    return lines[:-1] if lines[-1] == "" else lines
+    lines = lines[:-1] if lines[-1] == "" else lines
+    for i, line in enumerate(lines):
+        if len(line) * 4 > MAX_TOKEN_BYTES and len(line.encode("utf-8")) > MAX_TOKEN_BYTES:  # (4: UTF-8's most)
+            raise ValueError(f"{name}: line {i + 1} is {len(line.encode('utf-8')):,} bytes, more than the "
+                             f"{MAX_TOKEN_BYTES} a WordPiece token may have: not a vocab.txt")
+    return lines
 
 
 # -----------------------------------------------------------------------------
@@ -348,28 +364,26 @@ def tokenizer_kind(blob):
     return "wordpiece" if blob and b"\x00" not in blob else None
 
 
-def tokenizer_from_bytes(kind, blob):
-    """Rebuild a tokenizer from (kind, to_bytes()), e.g. a checkpoint's "tokenizer" entry."""
+def tokenizer_from_bytes(kind, blob, name=None):
+    """Rebuild a tokenizer from (kind, to_bytes()), e.g. a checkpoint's "tokenizer" entry. ValueError, one line
+    (naming `name` when given), for anything that is not a tokenizer of that kind."""
     if kind == "sentencepiece":
-        return Tokenizer(model_proto=bytes(blob))
+        return Tokenizer(model_proto=bytes(blob), name=name)
     if kind == "wordpiece":
-        return WordPiece(vocab_bytes=bytes(blob))
+        return WordPiece(vocab_bytes=bytes(blob), name=name)
     raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {', '.join(TOKENIZER_KINDS)}")
 
 
 def load_tokenizer(path):
     """A tokenizer file of either kind: a sentencepiece .model or a WordPiece vocab.txt, told apart by content.
-    ValueError naming the path when it is unreadable or neither."""
-    try:
-        with open(path, "rb") as f:
-            blob = f.read()
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read tokenizer ({e.strerror})") from None
+    ValueError, one line naming the path, when it is not a file, unreadable, empty, larger than its kind may
+    be, or neither kind."""
+    blob = read_bounded(path, max(MAX_MODEL_BYTES, MAX_VOCAB_BYTES), "a tokenizer")
     kind = tokenizer_kind(blob)
     if kind is None:
-        raise ValueError(f"{path}: neither a sentencepiece model nor a WordPiece vocab.txt (UTF-8 text, one token "
-                         "per line, [PAD] first)")
-    return Tokenizer(model_file=path) if kind == "sentencepiece" else WordPiece(vocab_file=path)
+        raise ValueError(f"{path}: not a sentencepiece model or a BERT vocab.txt: neither a model proto nor UTF-8 "
+                         "text (one token per line, [PAD] first)")
+    return tokenizer_from_bytes(kind, blob, name=path)
 
 
 def get_tokenizer(model_file, captions, vocab_size):
@@ -378,3 +392,68 @@ def get_tokenizer(model_file, captions, vocab_size):
     if os.path.exists(model_file):
         return load_tokenizer(model_file)
     return Tokenizer.train(captions(), model_file, vocab_size)
+
+
+# -----------------------------------------------------------------------------
+# files
+
+
+def read_bounded(path, limit, what):
+    """The bytes of the file at `path`. ValueError, one line naming it, when it is a folder, cannot be read,
+    is empty, or is larger than `limit` bytes: the size is checked before reading, and no more than limit + 1
+    bytes are ever read (a file that grows, a pipe)."""
+    try:
+        if os.path.isdir(path):
+            raise ValueError(f"{path}: a folder, not {what} file")
+        size = os.path.getsize(path)
+        if size > limit:
+            raise ValueError(f"{path}: {size:,} bytes, more than the {limit:,} {what} may have")
+        with open(path, "rb") as f:
+            blob = f.read(limit + 1)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    if len(blob) > limit:
+        raise ValueError(f"{path}: more than the {limit:,} bytes {what} may have")
+    if not blob:
+        raise ValueError(f"{path}: empty file, not {what}")
+    return blob
+
+
+def _sentencepiece(blob, name):
+    """A SentencePieceProcessor from model bytes. ValueError, one line naming `name`, for bytes over
+    MAX_MODEL_BYTES or that are not a model with pieces (sentencepiece's own error is a multi-line C++ trace)."""
+    if len(blob) > MAX_MODEL_BYTES:
+        raise ValueError(f"{name}: {len(blob):,} bytes, more than the {MAX_MODEL_BYTES:,} a sentencepiece model "
+                         "may have")
+    try:
+        sp = spm.SentencePieceProcessor(model_proto=blob) if blob else None
+    except Exception:  # RuntimeError or OSError, depending on how the parse fails
+        sp = None
+    if sp is None or sp.get_piece_size() == 0:
+        raise ValueError(f"{name}: not a sentencepiece model ({len(blob):,} bytes that do not parse as one)")
+    return sp
+
+
+TMP_MARK = ".m3ae-tmp."  # temp files are <name>.m3ae-tmp.<pid>: a name only this project makes
+
+
+def write_atomic(path, blob):
+    """Write blob to path through a temp file beside it and os.replace: path is either as it was or complete,
+    never partial. On any failure the temp file is removed; a full disk raises OSError(ENOSPC) in one line
+    naming the directory."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = f"{path}{TMP_MARK}{os.getpid()}"
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())  # a full disk may only say so here
+        os.replace(tmp, path)
+    except BaseException as e:  # KeyboardInterrupt too: never leave the temp file behind
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"no space left on the device of {folder} while writing "
+                          f"{os.path.basename(path)} ({len(blob):,} bytes): free space and rerun") from None
+        raise

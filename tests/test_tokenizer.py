@@ -1,6 +1,7 @@
 """tokenizer.py: sentencepiece (round trips, padding and truncation, unknown text, determinism, training and its
 fallbacks), BERT WordPiece (cases worked by hand), either kind from a file or from bytes."""
 
+import errno
 import os
 import pickle
 
@@ -9,6 +10,7 @@ import torch
 
 import builtin
 import data
+import tokenizer
 from tokenizer import Tokenizer, WordPiece, get_tokenizer, load_tokenizer, tokenizer_from_bytes
 
 TEXT_LEN = 16
@@ -202,3 +204,88 @@ def test_tokenizer_from_bytes_and_pickle_round_trip(tok, wp):
             assert torch.equal(clone.encode(caption, 8)[0], t.encode(caption, 8)[0])
     with pytest.raises(ValueError, match="unknown tokenizer kind"):
         tokenizer_from_bytes("bpe", b"")
+
+
+# -----------------------------------------------------------------------------
+# bad tokenizer files and bytes: one line each, and bounded before anything is read whole
+
+
+def _bad_file(kind, tmp_path, monkeypatch):
+    """(path, what the one-line error must say) for one kind of bad tokenizer file."""
+    path = tmp_path / "tok.bin"
+    if kind == "empty":
+        path.write_bytes(b"")
+        return path, "empty file"
+    if kind == "garbage_model":
+        path = tmp_path / "tokenizer.model"
+        path.write_bytes(bytes(range(256)) * 8 + b"\x00")
+        return path, "not a sentencepiece model or a BERT vocab.txt"
+    if kind == "too_large":  # a sparse file: its size is refused before a byte of it is read
+        with open(path, "wb") as f:
+            f.truncate(tokenizer.MAX_MODEL_BYTES + 1)
+        monkeypatch.setattr("builtins.open", lambda *a, **k: pytest.fail("read a file over the bound"))
+        return path, f"{tokenizer.MAX_MODEL_BYTES + 1:,} bytes, more than"
+    if kind == "folder":
+        path.mkdir()
+        return path, "a folder"
+    if kind == "long_line":  # the 1 GB line of the issue, at 1 KB
+        path.write_text("[PAD]\n[UNK]\n" + "x" * 1000 + "\n", encoding="utf-8")
+        return path, "line 3 is 1,000 bytes, more than the 200"
+    if kind == "large_vocab":  # a real vocab over the bound (lowered here so that the file stays small)
+        monkeypatch.setattr(tokenizer, "MAX_VOCAB_BYTES", 1000)
+        path.write_text("[PAD]\n[UNK]\n" + "".join(f"w{i}\n" for i in range(300)), encoding="utf-8")
+        return path, "more than the 1,000 a WordPiece vocab.txt may have"
+    path.write_bytes(b"\n\n")  # "blank": lines, but no [PAD]
+    return path, "expected '[PAD]'"
+
+
+@pytest.mark.parametrize("kind", ["empty", "garbage_model", "too_large", "folder", "long_line", "large_vocab",
+                                  "blank"])
+def test_load_tokenizer_refuses_every_bad_file_in_one_line(tmp_path, monkeypatch, kind):
+    path, says = _bad_file(kind, tmp_path, monkeypatch)
+    with pytest.raises(ValueError) as e:
+        load_tokenizer(str(path))
+    assert str(path) in str(e.value) and says in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("kind, blob, says", [
+    ("sentencepiece", bytes(range(256)) * 8, "not a sentencepiece model"),  # sentencepiece: a C++ trace
+    ("sentencepiece", b"", "not a sentencepiece model"),
+    ("sentencepiece", b"[PAD]\n[UNK]\n", "not a sentencepiece model"),
+    ("wordpiece", b"", "empty"),
+    ("wordpiece", b"\xff\xfe", "not UTF-8"),
+    ("wordpiece", b"[PAD]\n[UNK]\n" + b"y" * 201, "line 3 is 201 bytes"),
+])
+def test_tokenizer_from_bytes_refuses_bad_bytes_in_one_line(kind, blob, says):
+    """A checkpoint's "tokenizer" entry is read back by tokenizer_from_bytes: bad bytes are a one-line
+    ValueError naming what was expected, never sentencepiece's multi-line RuntimeError."""
+    with pytest.raises(ValueError) as e:
+        tokenizer_from_bytes(kind, blob, name="ckpt.pt")
+    message = str(e.value)
+    assert message.startswith("ckpt.pt: ") and says in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize("fails_at", ["fsync", "replace"])
+def test_tokenizer_training_on_a_full_disk_leaves_nothing_and_says_so(tmp_path, monkeypatch, fails_at):
+    """ENOSPC (the real errno) while the trained model is written: no temp file and no partial
+    tokenizer.model are left, and the error is one line naming the directory. Temp files carry a name only
+    this project makes (<name>.m3ae-tmp.<pid>)."""
+    run = tmp_path / "run"
+    model_file = str(run / "tokenizer.model")
+    written = []
+
+    def full(*args):
+        written.extend(os.listdir(run))  # what was on disk when the disk filled
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, fails_at, full)
+    captions = lambda: ["a red star", "a blue ring on stripes", "a green cross"] * 20  # noqa: E731
+    with pytest.raises(OSError) as e:
+        get_tokenizer(model_file, captions, vocab_size=40)
+    assert e.value.errno == errno.ENOSPC and "\n" not in str(e.value)
+    assert f"no space left on the device of {run}" in str(e.value)
+    assert written == [f"tokenizer.model.m3ae-tmp.{os.getpid()}"]
+    assert os.listdir(run) == []
+    monkeypatch.undo()
+    assert get_tokenizer(model_file, captions, vocab_size=40).vocab_size > 0
+    assert os.listdir(run) == ["tokenizer.model"]
