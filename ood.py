@@ -40,7 +40,8 @@ import numpy as np
 import torch
 
 import probe
-from util import make_parser, pretraining_info
+from checkpoint import pretraining_info
+from util import make_parser
 
 # -----------------------------------------------------------------------------
 # metrics: scores of the positive and negative class, higher = more positive

@@ -49,9 +49,10 @@ from tqdm import tqdm
 
 import builtin
 import data
-from model import M3AE, PRESETS, load_model, make_config
-from util import (NORMS, SeededSamples, checkpoint_data_level, checkpoint_data_seed, checkpoint_norm, lr_at,
-                  make_parser, mix_seed, pretraining_info, save_atomic)
+from checkpoint import (NORMS, checkpoint_data_level, checkpoint_data_seed, checkpoint_norm, load_model,
+                        pretraining_info, save_atomic)
+from model import M3AE, PRESETS, make_config
+from util import SeededSamples, lr_at, make_parser, mix_seed
 
 # base lrs of the default grid (lr = base_lr x batch / 256). 0.1 is the paper's, 6.4 mae's absolute lr (the old
 # built-in default); the large end is for small datasets, where LARS needs base_lr x images x epochs / 256 to be

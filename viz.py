@@ -22,7 +22,7 @@ Figures (PNG, drawn with PIL alone; images scaled up nearest-neighbour so that 6
 
 Conventions (model.py's): images normalised with the pretraining data's mean/std, a row-major patch grid,
 masks 1 = removed, key padding True = pad. Masking noise comes from a torch.Generator seeded with --seed, so a
-figure is reproducible. Reconstruction errors are the training image loss (model.image_loss) on removed patches.
+figure is reproducible. Reconstruction errors are the training image loss (model.patch_mse) on removed patches.
 Attention maps read the encoder on the whole, unmasked input (as the paper's figures do), through
 model.attention_maps (the math attention path: SDPA and the fused kernel never form the weights).
 """
@@ -39,9 +39,10 @@ from PIL import Image, ImageDraw, ImageFont
 
 import builtin
 import data
-from model import image_loss, load_model, patchify, unpatchify
-from util import (NORMS, checkpoint_data_level, checkpoint_data_seed, checkpoint_norm, checkpoint_tokenizer,
-                  make_parser, masking_noise)
+from checkpoint import (NORMS, checkpoint_data_level, checkpoint_data_seed, checkpoint_norm,
+                        checkpoint_tokenizer, load_model)
+from model import patch_mse, patchify, per_sample_mean, unpatchify
+from util import make_parser, masking_noise
 MODES = ("recon", "caption", "attention")  # "all" runs the three; "attention" writes two files
 
 # Default word for the word-attention map: the first word that names a shape in the built-in vocabulary (the
@@ -205,14 +206,14 @@ def reconstruct(model, images=None, text=None, pad=None, image_noise=None, text_
     c = model.config
     device = model.cls_token.device
     to = lambda x: None if x is None else x.to(device)
-    out = model(to(images), to(text), to(pad), to(image_noise), to(text_noise))
+    out = model.reconstruct(to(images), to(text), to(pad), to(image_noise), to(text_noise))
     res = dict(pasted=None, prediction=None, image_mask=None, image_mse=None, text_mask=None, text_pred=None,
                text_logits=None)
     if images is not None:
         target = patchify(images.to(device), c.patch_size)  # (B, N, P)
         pred, mask = out["image_pred"].float(), out["image_mask"]
-        res["image_mse"] = torch.stack([image_loss(pred[i : i + 1], target[i : i + 1], mask[i : i + 1], c.norm_pix_loss)
-                                        for i in range(len(pred))]).cpu()
+        mse = patch_mse(pred, target, c.norm_pix_loss)  # (B, N): the training loss's terms
+        res["image_mse"] = torch.stack([per_sample_mean(mse[i : i + 1], mask[i : i + 1]) for i in range(len(pred))]).cpu()
         if c.norm_pix_loss:
             pred = unnormalise_patches(pred, target)
         # where, not target * (1 - mask) + pred * mask: visible patches must come back bit for bit

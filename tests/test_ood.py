@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 import ood
-from model import M3AE, checkpoint_dict, make_config
+from checkpoint import checkpoint_dict
+from model import M3AE, make_config
 
 # --- brute-force definitions -------------------------------------------------------------------------
 

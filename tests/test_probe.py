@@ -10,7 +10,8 @@ import torch
 import builtin
 import data
 import probe
-from model import M3AE, checkpoint_dict, make_config
+from checkpoint import checkpoint_dict
+from model import M3AE, make_config
 
 # --- LARS ------------------------------------------------------------------------------------------
 
@@ -147,7 +148,7 @@ def test_feature_cache_hits_and_invalidates_when_the_checkpoint_changes(tmp_path
     assert len(calls) == 3 and len(os.listdir(cache)) == 4
     # the key hashes the weights, not the object: a reloaded copy of b hits b's entry
     torch.save(checkpoint_dict(b), tmp_path / "b.pt")
-    from model import load_model
+    from checkpoint import load_model
 
     features(load_model(tmp_path / "b.pt")[0].eval())
     assert len(calls) == 3

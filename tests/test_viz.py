@@ -11,7 +11,8 @@ import builtin
 import data
 import train
 import viz
-from model import M3AE, load_model, make_config, patchify
+from checkpoint import load_model
+from model import M3AE, make_config, patchify
 from tokenizer import Tokenizer
 
 SAMPLES = 2
@@ -126,7 +127,7 @@ def test_reconstruction_keeps_visible_patches_exactly(loaded, run):
     # norm_pix checkpoints: still exact on visible patches; removed ones un-normalised with the original's stats
     norm_model, _ = load_model(run / "ckpt.pt", norm_pix_loss=True)
     res = viz.reconstruct(norm_model.eval(), images, text, pad, *noise)
-    raw = norm_model(images, text, pad, *noise)["image_pred"]
+    raw = norm_model.reconstruct(images, text, pad, *noise)["image_pred"]
     visible = res["image_mask"] == 0
     pasted = patchify(res["pasted"], c.patch_size)
     assert torch.equal(pasted[visible], target[visible])
@@ -145,7 +146,7 @@ def test_mask_ratios_are_restored():
     before = model.config
     with viz.mask_ratios(model, image=0.5, text=0.0):
         assert model.config.image_mask_ratio == 0.5 and model.config.text_mask_ratio == 0.0
-        out = model(torch.randn(1, 3, 64, 64), torch.randint(1, 20, (1, 32)))
+        out = model.reconstruct(torch.randn(1, 3, 64, 64), torch.randint(1, 20, (1, 32)))
         assert out["image_mask"].sum() == 32 and out["text_mask"].sum() == 0
     assert model.config is before
 
