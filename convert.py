@@ -29,14 +29,16 @@ import math
 import os
 import pickle
 import re
+import errno
 import sys
+import warnings
 import zipfile
 
 import numpy as np
 import torch
 
 from data import CC12M_MEAN, CC12M_STD, IMAGENET_MEAN, IMAGENET_STD
-from tokenizer import load_tokenizer
+from tokenizer import TMP_MARK, load_tokenizer
 from util import HelpFormatter, make_parser
 
 
@@ -77,6 +79,27 @@ def check_vocab_size(tok, vocab_size, path, hint="", flag="--tokenizer"):
 def tokenizer_entry(tok):
     """The checkpoint's "tokenizer" entry: {"kind", "blob"}, read back by tokenizer.tokenizer_from_bytes."""
     return {"kind": tok.kind, "blob": tok.to_bytes()}
+
+
+def refuse_non_finite(params, path):
+    """ConversionError naming the first parameters (by the file's own names) that hold NaN or inf: converted,
+    they would load without complaint and make every loss NaN, far from here."""
+    bad = [name for name, value in params.items() if not _finite(value)]
+    if bad:
+        raise ConversionError(f"{path}: non-finite weights (NaN or inf) in {len(bad)} parameter(s): "
+                              f"{', '.join(map(str, bad[:3]))}{' ...' if len(bad) > 3 else ''}; nothing written")
+
+
+def _finite(value):
+    """Whether a tensor or array (of any numeric dtype) holds no NaN or inf."""
+    if torch.is_tensor(value):
+        return not value.is_floating_point() or bool(torch.isfinite(value).all())
+    value = np.asarray(value)
+    if value.dtype.kind in "biuSUOMm":  # integers are finite; strings and objects are refused elsewhere
+        return True
+    if value.dtype.kind not in "fc":  # e.g. bfloat16 from ml_dtypes, which np.isfinite does not know
+        value = value.astype(np.float32)
+    return bool(np.isfinite(value).all())
 
 
 # -----------------------------------------------------------------------------
@@ -164,6 +187,8 @@ def official_to_state_dict(params):
         ours = official_name_to_ours(name)
         if ours in state:
             raise ConversionError(f"official parameters {source[ours]!r} and {name!r} both map to {ours!r}")
+        if np.asarray(value).dtype.kind in "SUOMm":
+            raise ConversionError(f"official parameter {name!r} holds {np.asarray(value).dtype} values, not numbers")
         value = np.asarray(value, dtype=np.float32)
         if name.endswith("/kernel"):
             if value.ndim != 2:
@@ -552,6 +577,7 @@ def build_model(config, state, allow_missing=False, source_name=None):
 def convert_official(path, image_size=None, text_len=None, num_heads=None, dec_num_heads=None):
     """Official checkpoint file -> (model, notes)."""
     params, meta = read_official(path)
+    refuse_non_finite(params, path)
     config, notes = infer_official_config(params, meta, image_size, text_len, num_heads, dec_num_heads)
     model, _ = build_model(config, official_to_state_dict(params), source_name=our_name_to_official)
     return model, notes, meta
@@ -653,6 +679,20 @@ def infer_mae_config(mae_state, image_size=None, vocab_size=None, text_len=None,
     return cfg, notes
 
 
+def _torch_why(e):
+    """The line of torch.load's many-line message that says what was wrong."""
+    lines = [l.strip() for l in str(e).splitlines() if "WeightsUnpickler error" in l or "Unsupported" in l]
+    return (lines[-1] if lines else _first_line(e))[:200]
+
+
+def _torch_load(path):
+    """torch.load(weights_only=True), without torch's warnings: a pickle torch did not write (protocol 4) draws a
+    UserWarning on stderr, which would turn a one-line refusal into four."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load_mae_checkpoint(path):
     """torch.load with weights_only=True. The real mae checkpoints also store the training argparse.Namespace
     under "args", which weights_only refuses; we then allow exactly that one class (torch's safe_globals) and
@@ -661,19 +701,16 @@ def load_mae_checkpoint(path):
 
     try:
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            ckpt = _torch_load(path)
         except pickle.UnpicklingError as e:
             if "argparse.Namespace" not in str(e):
                 raise
             with torch.serialization.safe_globals([_argparse.Namespace]):
-                ckpt = torch.load(path, map_location="cpu", weights_only=True)
+                ckpt = _torch_load(path)
     except OSError as e:
         raise ConversionError(f"cannot read {path}: {e.strerror or _first_line(e)}") from None
     except Exception as e:
-        # torch's messages run over many lines; keep the one that says what was wrong
-        lines = [l.strip() for l in str(e).splitlines() if "WeightsUnpickler error" in l or "Unsupported" in l]
-        why = lines[-1] if lines else _first_line(e)
-        raise ConversionError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}: {why[:200]})") from None
+        raise ConversionError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}: {_torch_why(e)})") from None
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConversionError(f"{path}: expected {{'model': state_dict}} or a state_dict of tensors")
@@ -711,6 +748,7 @@ def convert_mae(path_or_state, image_size=None, vocab_size=None, text_len=None, 
     positions are our sin-cos table (mae's), the image type embeddings are zero (mae has none) unless the position
     tables carry one folded in by to-mae, which is taken back. The text path stays initialised."""
     mae_state = load_mae_checkpoint(path_or_state) if isinstance(path_or_state, str) else path_or_state
+    refuse_non_finite(mae_state, path_or_state if isinstance(path_or_state, str) else "mae state_dict")
     config, notes = infer_mae_config(mae_state, image_size, vocab_size, text_len, num_heads, dec_num_heads)
     state = mae_to_state_dict(mae_state)
     state["enc_image_type"] = torch.zeros(1, 1, config.emb_dim)
@@ -738,15 +776,26 @@ def convert_mae(path_or_state, image_size=None, vocab_size=None, text_len=None, 
 
 def read_ours(ckpt_path):
     """Our checkpoint (train.py's or convert.py's) -> (checkpoint dict, M3AEConfig); ConversionError naming the
-    file if it is not one."""
-    from model import M3AEConfig
+    file if it is not one: unreadable, no config, a "model" that is not exactly M3AE(config)'s parameters (names
+    and shapes, compared on the meta device: nothing allocated), or weights that are not finite."""
+    from model import M3AE, M3AEConfig
 
     try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        return ckpt, M3AEConfig(**ckpt["config"])
+        ckpt = _torch_load(ckpt_path)
+        config = M3AEConfig(**ckpt["config"])
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in M3AE(config).state_dict().items()}
+        state = ckpt["model"]
+        found = {k: tuple(v.shape) for k, v in state.items() if torch.is_tensor(v)}
     except Exception as e:
-        raise ConversionError(f"{ckpt_path}: not a checkpoint of ours ({type(e).__name__}: {_first_line(e)})") \
+        raise ConversionError(f"{ckpt_path}: not a checkpoint of ours ({type(e).__name__}: {_torch_why(e)})") \
             from None
+    if found != expected or len(state) != len(found):
+        wrong = [k for k in expected if found.get(k) != expected[k]] + [k for k in state if k not in expected]
+        raise ConversionError(f"{ckpt_path}: not a checkpoint of ours: its \"model\" does not match its config "
+                              f"({len(wrong)} parameter(s) missing, extra or of another shape, first {wrong[0]!r})")
+    refuse_non_finite(state, ckpt_path)
+    return ckpt, config
 
 
 def write_official(ckpt_path, out_path):
@@ -770,11 +819,15 @@ def write_official(ckpt_path, out_path):
             node[leaf] = value
         data = {"step": int(ckpt.get("step", 0) or 0), "epoch": 0, "variant": official_cfg,
                 "state": types.SimpleNamespace(params={"params": nested})}
-        with open(out_path, "wb") as f:
-            pickle.dump(data, f)
+        write_output(out_path, lambda f: pickle.dump(data, f))
     else:
-        np.savez(out_path, config=np.array(repr(official_cfg)), **flat)
+        write_output(official_out_path(out_path), lambda f: np.savez(f, config=np.array(repr(official_cfg)), **flat))
     return flat, config
+
+
+def official_out_path(out_path):
+    """Where to-official writes: OUT as given for .pkl and .npz, else OUT.npz (numpy's own rule)."""
+    return out_path if out_path.endswith((".pkl", ".npz")) else out_path + ".npz"
 
 
 def _image_pos_table(dim, grid_size, type_embedding):
@@ -846,9 +899,47 @@ def _export_notes(config):
 
 
 def _save(model, out_path, source, **extra):
-    from model import checkpoint_dict
+    from checkpoint import checkpoint_dict
 
-    torch.save(checkpoint_dict(model, source=source, **extra), out_path)
+    ckpt = checkpoint_dict(model, source=source, **extra)
+    write_output(out_path, lambda f: torch.save(ckpt, f))
+
+
+def write_output(out_path, write):
+    """write(f) into a temp file beside out_path (<out>.m3ae-tmp.<pid>, a name only this project makes), then
+    os.replace: an interrupted or failed conversion never leaves a partial output, nor an old one half
+    overwritten. The temp file is removed on any failure; an OSError becomes a ConversionError naming the
+    output (a full disk says so)."""
+    folder = os.path.dirname(os.path.abspath(out_path))
+    tmp = f"{out_path}{TMP_MARK}{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out_path)
+    except BaseException as e:  # KeyboardInterrupt too: never leave the temp file behind
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise ConversionError(f"no space left on the device of {folder} while writing {out_path}; nothing "
+                                  "written") from None
+        if isinstance(e, OSError):
+            raise ConversionError(f"cannot write {out_path} ({e.strerror or e})") from None
+        raise
+
+
+def check_out(out_path, inputs):
+    """Before any work: refuse an output that is a folder, whose folder does not exist, or that is one of the
+    inputs (the conversion would replace the file it reads). inputs: (flag, path) pairs."""
+    if os.path.isdir(out_path):
+        raise ConversionError(f"output {out_path} is a folder: give the path of the file to write")
+    folder = os.path.dirname(os.path.abspath(out_path))
+    if not os.path.isdir(folder):
+        raise ConversionError(f"output {out_path}: no folder {folder} to write it in")
+    for flag, path in inputs:
+        if path and os.path.exists(path) and os.path.exists(out_path) and os.path.samefile(path, out_path):
+            raise ConversionError(f"output {out_path} is the input {flag} {path}: write the output elsewhere")
 
 
 def _print_config(config):
@@ -904,8 +995,10 @@ def main(argv=None):
         p.add_argument("ckpt")
         p.add_argument("out")
     args = parser.parse_args(argv)
+    out = official_out_path(args.out) if args.command == "to-official" else args.out
 
     try:
+        check_out(out, [("CKPT", args.ckpt), ("--tokenizer", getattr(args, "tokenizer", None))])
         if args.command == "official":
             tok = read_tokenizer(args.tokenizer) if args.tokenizer else None  # a wrong file fails before the work
             model, notes, meta = convert_official(args.ckpt, args.image_size, args.text_len, args.num_heads,
@@ -957,7 +1050,7 @@ def main(argv=None):
                 print(note)
             if args.command == "to-timm":
                 state = ours_to_timm(ckpt["model"], config)
-                torch.save(state, args.out)
+                write_output(args.out, lambda f: torch.save(state, f))
                 name = _vit_name(config)
                 print(f"wrote {len(state)} timm tensors; load them with strict=True into "
                       + (f'timm.create_model("{name}", img_size={config.image_size}, num_classes=0)' if name else
@@ -966,7 +1059,7 @@ def main(argv=None):
                          f"mlp_ratio={config.mlp_ratio:g}, num_classes=0)"))
             else:
                 state, left_out = ours_to_mae(ckpt["model"], config)
-                torch.save({"model": state}, args.out)
+                write_output(args.out, lambda f: torch.save({"model": state}, f))
                 name = _vit_name(config, mae=True)
                 print(f"wrote {len(state)} mae tensors; left out (mae has no text path): {', '.join(left_out)}")
                 print("fine-tune with mae's main_finetune.py --finetune " + args.out
@@ -977,10 +1070,19 @@ def main(argv=None):
                 mean, std = (", ".join(f"{v:g}" for v in data[k]) for k in ("mean", "std"))
                 print(f"normalise inputs as the checkpoint says: mean ({mean}), std ({std}) [{data['source']}]")
     except ConversionError as e:
-        print(f"convert.py: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out}")
+        return _error(str(e), args)
+    except Exception as e:  # anything else a malformed input provokes in numpy or torch: one line, not a traceback
+        return _error(f"cannot convert it ({type(e).__name__}: {_first_line(e)})", args)
+    print(f"wrote {out}")
     return 0
+
+
+def _error(message, args):
+    """Print one line, `convert.py: error: ...` (argparse's form) naming the input, and return exit code 2."""
+    if args.ckpt not in message and not message.startswith(("--", "output ")):
+        message = f"{args.ckpt}: {message}"
+    print(f"convert.py: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

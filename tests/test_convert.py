@@ -16,11 +16,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from checkpoint import checkpoint_dict, load_model
 import convert
 from convert import (ConversionError, SafeUnpickler, StandIn, build_model, config_from_official, convert_mae,
                      convert_official, official_name_to_ours, official_to_state_dict, our_name_to_official,
                      ours_to_mae, ours_to_official, safe_load_pickle)
-from model import M3AE, checkpoint_dict, load_model, sincos_2d
+from model import M3AE, sincos_2d
 from tokenizer import WordPiece, tokenizer_from_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -377,6 +378,120 @@ def test_cli_not_a_checkpoint_one_line_exit_2(tmp_path, command, content):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("convert.py: error: ") and "Traceback" not in r.stderr
+
+
+class RunsACommand:
+    def __reduce__(self):
+        return os.system, ("true",)
+
+
+def write_bad_input(kind, tmp_path):
+    """A bad CKPT argument for convert.py: its path."""
+    path = tmp_path / f"{kind}.bin"
+    if kind == "missing":
+        return path
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "garbage":
+        path.write_bytes(bytes(range(256)) * 16)
+    elif kind == "text":
+        path.write_bytes(b"not a checkpoint at all\n" * 20)
+    elif kind == "refused_pickle":  # protocol 4, a global that would run a command: torch also warns on stderr
+        path.write_bytes(pickle.dumps({"a": RunsACommand()}, protocol=4))
+    elif kind == "not_a_model":  # a torch file, but its "model" does not fit its config
+        torch.save({"model": {"a": torch.zeros(1)}, "config": {}}, path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["missing", "folder", "garbage", "text", "refused_pickle", "not_a_model"])
+def test_cli_every_bad_input_is_one_line_exit_2(tmp_path, kind):
+    """Each command that reads a file, on each kind of bad file: exit 2, one line on stderr (argparse's form,
+    naming the file), no traceback, nothing written."""
+    path = write_bad_input(kind, tmp_path)
+    for command in ("official", "mae", "to-timm"):
+        out = tmp_path / f"out-{command}.pt"
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "convert.py"), command, str(path), str(out)],
+                           capture_output=True, text=True, timeout=120)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, (command, r.stderr)
+        assert lines[0].startswith("convert.py: error: ") and str(path) in lines[0], (command, lines[0])
+        assert not out.exists()
+
+
+def test_non_finite_weights_are_refused_naming_them_and_nothing_written(tmp_path, capsys):
+    """NaN or inf weights would convert without complaint and make every loss NaN far away: refused, exit 2,
+    one line naming the first offending parameters by the file's own names, no output file."""
+    params = fixture_params()
+    params["encoder/Block_1/LayerNorm_0/scale"][3] = np.nan
+    params["text_embedding/embedding"][0, 0] = np.inf
+    official = official_npz(tmp_path, params)
+    mae = tmp_path / "mae.pth"
+    sd = synthetic_mae_state()
+    sd["decoder_pred.bias"][0] = float("nan")
+    torch.save({"model": sd}, mae)
+    ours = tmp_path / "ours.pt"
+    assert convert.main(["official", FIXTURE, str(ours)]) == 0
+    ckpt = torch.load(ours, weights_only=True)
+    ckpt["model"]["encoder.norm.weight"][0] = float("-inf")
+    torch.save(ckpt, ours)
+    capsys.readouterr()
+    for argv, names in ((["official", official], "'encoder/Block_1/LayerNorm_0/scale', 'text_embedding/embedding'"),
+                        (["mae", str(mae), "--num-heads", "4", "--dec-num-heads", "2"], "'decoder_pred.bias'"),
+                        (["to-timm", str(ours)], "'encoder.norm.weight'")):
+        out = tmp_path / "out.pt"
+        assert convert.main(argv + [str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "non-finite weights (NaN or inf)" in err and argv[1] in err, err
+        assert all(n.strip("'") in err for n in names.split(", ")), err
+        assert not out.exists() and not [f for f in os.listdir(tmp_path) if "m3ae-tmp" in f]
+
+
+def test_an_interrupted_conversion_leaves_no_partial_output(tmp_path, monkeypatch):
+    """Outputs are written to <out>.m3ae-tmp.<pid> and moved into place: killed mid-write (here: interrupted
+    while torch.save writes), the output is as it was before (absent, or the old file), and no temp file
+    is left."""
+    save = torch.save
+
+    def interrupted(obj, f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)):  # (torch.save to a path: a partial file under the final name)
+            f = open(f, "wb")
+        f.write(b"half a checkpoint")
+        f.flush()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    out = tmp_path / "ours.pt"
+    with pytest.raises(KeyboardInterrupt):
+        convert.main(["official", FIXTURE, str(out)])
+    assert os.listdir(tmp_path) == []
+    out.write_bytes(b"the user's older file")
+    with pytest.raises(KeyboardInterrupt):
+        convert.main(["official", FIXTURE, str(out)])
+    assert os.listdir(tmp_path) == ["ours.pt"] and out.read_bytes() == b"the user's older file"
+    monkeypatch.setattr(torch, "save", save)
+    assert convert.main(["official", FIXTURE, str(out)]) == 0 and os.listdir(tmp_path) == ["ours.pt"]
+
+
+def test_output_that_is_an_input_or_cannot_be_written_is_refused_before_any_work(tmp_path, capsys):
+    ours = tmp_path / "ours.pt"
+    assert convert.main(["official", FIXTURE, str(ours)]) == 0
+    before = ours.read_bytes()
+    (tmp_path / "alias.pt").symlink_to(ours)
+    (tmp_path / "folder").mkdir()
+    capsys.readouterr()
+    for argv, says in ((["to-timm", str(ours), str(ours)], "is the input CKPT"),
+                       (["to-mae", str(ours), str(tmp_path / "alias.pt")], "is the input CKPT"),
+                       (["to-official", str(ours), str(tmp_path / "ours")], None),  # writes ours.npz: fine
+                       (["to-timm", str(ours), str(tmp_path / "folder")], "is a folder"),
+                       (["to-timm", str(ours), str(tmp_path / "no" / "such" / "x.pt")], "no folder")):
+        code = convert.main(argv)
+        err = capsys.readouterr().err.strip()
+        if says is None:
+            assert code == 0 and (tmp_path / "ours.npz").exists()
+            continue
+        assert code == 2 and len(err.splitlines()) == 1 and says in err, err
+        assert ours.read_bytes() == before  # the input is never touched
+    assert convert.main(["official", str(tmp_path / "ours.npz"), str(tmp_path / "ours.npz")]) == 2
 
 
 # -----------------------------------------------------------------------------
