@@ -20,45 +20,69 @@ length, D width (emb_dim; Dd for the decoder), nh heads, hs head size (D / nh), 
 """
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from util import at_least, check_fields, fraction, knob
+
 # -----------------------------------------------------------------------------
-# config
+# config: every model, masking and loss knob is one field here. train.py makes a flag of each field with help
+# text (--text-mask-ratio for text_mask_ratio), checks it with `valid`, and a --resume refuses a change of it.
+
+GELUS = ("tanh", "none")
+ATTN_IMPLS = ("auto", "triton", "sdpa", "math")
 
 
 @dataclass
 class M3AEConfig:
     # data geometry
-    image_size: int = 256  # official pretrains at 256 px (mae: 224)
-    patch_size: int = 16
-    in_chans: int = 3
-    vocab_size: int = 32000  # train.py sets it from the tokenizer
-    text_len: int = 64  # captions padded/truncated to this many tokens
-    # encoder (presets below set these)
-    emb_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
+    image_size: int = knob(256, "image side in pixels; a multiple of --patch-size", at_least(8, 4096), shape=True)
+    patch_size: int = knob(16, "patch side in pixels", at_least(1, 256), shape=True)
+    in_chans: int = knob(3, shape=True)
+    vocab_size: int = knob(32000, valid=at_least(2), shape=True)  # set from the tokenizer
+    text_len: int = knob(64, "caption length in tokens, padded or cut", at_least(1, 1024), shape=True)
+    # encoder
+    emb_dim: int = knob(768, "encoder width; divisible by 4 and by --num-heads", at_least(4, 16384), shape=True)
+    depth: int = knob(12, "encoder blocks", at_least(1, 256), shape=True)
+    num_heads: int = knob(12, "encoder attention heads", at_least(1), shape=True)
     # decoder: 512 wide, 8 deep, 16 heads for every preset (paper appendix, official code)
-    dec_emb_dim: int = 512
-    dec_depth: int = 8
-    dec_num_heads: int = 16
-    mlp_ratio: float = 4.0
-    ln_eps: float = 1e-6  # official and mae both use 1e-6, not torch's 1e-5
-    gelu: str = "tanh"  # official (flax nn.gelu) uses the tanh approximation; mae/timm uses "none" (exact erf)
+    dec_emb_dim: int = knob(512, "decoder width; divisible by 4 and by --dec-num-heads", at_least(4, 16384),
+                            shape=True)
+    dec_depth: int = knob(8, "decoder blocks", at_least(1, 256), shape=True)
+    dec_num_heads: int = knob(16, "decoder attention heads", at_least(1), shape=True)
+    mlp_ratio: float = knob(4.0, "MLP hidden width / block width", at_least(0.25, 64), shape=True)
+    # official and mae both use LayerNorm eps 1e-6 (not torch's 1e-5); official's GELU is flax's tanh
+    # approximation, mae/timm's the exact erf ("none")
+    ln_eps: float = knob(1e-6, "LayerNorm epsilon", at_least(0.0, 1.0))
+    gelu: str = knob("tanh", "GELU approximation: tanh (official) or none (exact erf, mae)", choices=GELUS)
     # masking, paper section 3.2: ratios chosen independently per modality
-    image_mask_ratio: float = 0.75
-    text_mask_ratio: float = 0.75
-    # loss, paper section 3.3: L = image_loss_weight * MSE + text_loss_weight * CE
-    image_loss_weight: float = 1.0
-    text_loss_weight: float = 0.5  # official README's command uses 0.5 (its code default is 0.1)
-    norm_pix_loss: bool = False  # False: raw (dataset-normalised) pixels as the paper; True: mae's per-patch norm
-    # runtime: "auto" (attention_impl: SDPA off CUDA; on CUDA our Triton kernel where it measured faster), "triton",
-    # "sdpa" or "math"
-    attn_impl: str = "auto"
+    image_mask_ratio: float = knob(0.75, "fraction of patches removed", fraction())
+    text_mask_ratio: float = knob(0.75, "fraction of text slots removed, padding counted", fraction())
+    # loss, paper section 3.3: each term of forward_loss is weighted by the field <term>_weight
+    image_loss_weight: float = knob(1.0, "weight of the pixel MSE", at_least(0.0), aliases=("--image-weight",))
+    text_loss_weight: float = knob(0.5, "weight of the text CE (official README 0.5, its code default 0.1); 0 "
+                                   "trains the MAE baseline", at_least(0.0), aliases=("--text-weight",))
+    norm_pix_loss: bool = knob(False, "per-patch normalised pixel targets (mae's option; the paper: raw)",
+                               aliases=("--norm-pix",))
+    # runtime, not the model: "auto" = kernels/dispatch.py's measured choice on CUDA, SDPA elsewhere
+    attn_impl: str = knob("auto", "attention implementation", choices=ATTN_IMPLS, aliases=("--attn",),
+                          resume="invocation")
+
+    def __post_init__(self):
+        check_fields(self)
+        for what, dim, heads in (("emb", self.emb_dim, self.num_heads), ("dec", self.dec_emb_dim,
+                                                                         self.dec_num_heads)):
+            if dim % heads or dim % 4:  # sin-cos positions split the width in 4 (sincos_2d)
+                flag = "--emb-dim" if what == "emb" else "--dec-emb-dim"
+                raise ValueError(f"argument {flag}: {dim} must divide by 4 and by its heads ({heads})")
+        if self.image_size % self.patch_size:
+            fits = [p for p in (2, 4, 7, 8, 14, 16, 32) if self.image_size % p == 0 and p < self.image_size]
+            raise ValueError(f"argument --image-size: {self.image_size} is not a multiple of --patch-size "
+                             f"{self.patch_size}" + (f" (patch sizes that divide it: {fits})" if fits else ""))
 
     @property
     def grid_size(self):
@@ -147,34 +171,6 @@ def attention_weights(q, k, key_padding_mask=None):
     return weights
 
 
-# What impl="auto" runs on CUDA, from the H200 measurements of 2026-11-26 (docs/gpu_2026-11-26, kernels/README.md:
-# batch 256, bf16, forward + backward of one attention call, ours against SDPA with the same mask):
-#   * launches captured (torch.compile, CUDA graphs): ours won at both of M3AE's shapes, the encoder's 81 tokens
-#     (D 64; 0.53x SDPA's time) and the decoder's 321 (D 32; 0.39x), and the whole compiled base step took
-#     74.1 ms against 90.2 ms;
-#   * eager: each call of ours costs ~0.9 ms of Python launch work (autotuner lookup, two Triton launchers),
-#     which the GPU work hides only at the decoder's size: encoder 2.40x SDPA's time (3.5x without a mask),
-#     decoder 0.40x (0.78x without a mask).
-# So eager calls use our kernel only for sequences of at least EAGER_TRITON_MIN_SEQ keys. The two measured points
-# bracket the cross-over (81 lost, 321 won, with and without a mask); 256 is the decoder's lower end (1 + 256
-# patches at 256 px) and keeps every encoder shape (at most 1 + 64 + 16 = 81 tokens) on SDPA. Lengths between 81
-# and 321 were not measured.
-EAGER_TRITON_MIN_SEQ = 256
-
-
-def attention_impl(device_type, launch_free, seq_len, head_dim):
-    """impl="auto"'s choice, "triton" or "sdpa". device_type: "cuda", "cpu", ...; launch_free: the call is being
-    traced by torch.compile or captured in a CUDA graph (no per-call Python launch cost); seq_len: keys per
-    sample; head_dim: per head (the kernel takes 16, 32, 64 and 128; huge's 80 stays on SDPA)."""
-    if device_type != "cuda":
-        return "sdpa"  # off CUDA the kernel only runs in Triton's interpreter (tests)
-    from kernels import HEAD_DIMS  # imported lazily: Triton is only needed on CUDA
-
-    if head_dim not in HEAD_DIMS:
-        return "sdpa"
-    return "triton" if launch_free or seq_len >= EAGER_TRITON_MIN_SEQ else "sdpa"
-
-
 def attention(q, k, v, key_padding_mask=None, impl="sdpa", never_empty=False):
     """Multi-head attention with an optional key-padding mask: one function, three implementations.
 
@@ -182,20 +178,21 @@ def attention(q, k, v, key_padding_mask=None, impl="sdpa", never_empty=False):
     a key) or None. Returns (B, nh, Tq, hs). A query whose keys are all padding gets zeros (never NaN); in
     the model this cannot happen because CLS is always a visible key.
     impl: "math" (readable reference: attention_weights @ v), "sdpa" (torch's scaled_dot_product_attention),
-    "triton" (our fused kernel in kernels/), "auto" (attention_impl's choice for this device, sequence length
-    and head dim). Only "math" forms the weights; M3AE.attention_maps reads them through attention_weights.
+    "triton" (our fused kernel in kernels/), "auto" (SDPA off CUDA; on CUDA kernels/dispatch.py's choice for
+    the sequence length and head dim, from measurements). Only "math" forms the weights; M3AE.attention_maps reads them through attention_weights.
     never_empty=True: the caller guarantees that every sample has a visible key (M3AE: CLS is never padding), so
     "sdpa" skips its guard against all-padding rows (un-hide their keys, then zero their output: one more pass
     over the output in the forward and one in the backward). The other paths need no guard.
     """
-    if impl == "auto":
-        # traced by torch.compile, or captured into a CUDA graph: Python launches no kernel at run time
-        launch_free = torch.compiler.is_compiling() or (q.is_cuda and torch.cuda.is_current_stream_capturing())
-        impl = attention_impl(q.device.type, launch_free, k.size(-2), q.size(-1))
-    if impl == "triton":
-        from kernels import masked_attention  # imported lazily: Triton is only needed on this path
+    if impl == "triton" or (impl == "auto" and q.is_cuda):  # the fused kernel and when it pays: kernels/
+        from kernels.dispatch import fused_attention
 
-        return masked_attention(q, k, v, key_padding_mask)
+        y = fused_attention(q, k, v, key_padding_mask, auto=impl == "auto")  # None: SDPA is faster here
+        if y is not None:
+            return y
+        impl = "sdpa"
+    if impl == "auto":
+        impl = "sdpa"  # off CUDA: the fused kernel only runs in Triton's interpreter (tests)
     if impl == "math":
         return attention_weights(q, k, key_padding_mask) @ v  # (B, nh, Tq, hs)
     if impl != "sdpa":
@@ -299,37 +296,46 @@ def num_kept(length, mask_ratio):
     return int(length * (1.0 - mask_ratio))
 
 
-def random_masking(batch_size, length, mask_ratio, noise=None, device=None):
-    """Per-sample random masking by sorting noise (mae's scheme; official draws one noise row per batch).
+class Masking(NamedTuple):
+    """Which tokens of one modality the encoder sees; every count follows from these shapes.
+      ids_keep (B, K): the visible positions, in the order they enter the encoder;
+      ids_removed (B, L - K): the hidden ones, which the decoder predicts and the loss reads;
+      ids_restore (B, L): gathering [visible, mask tokens] with it puts them back in natural order;
+      mask (B, L) float: 1 = removed, 0 = visible."""
+    ids_keep: torch.Tensor
+    ids_removed: torch.Tensor
+    ids_restore: torch.Tensor
+    mask: torch.Tensor
 
-    noise: (B, L) floats, the lowest `keep` of each row are kept; None draws uniform noise. Rows that are
-    all equal reproduce the official batch-shared mask. Returns
-      ids_keep (B, keep): kept positions, in the order they enter the encoder (ascending noise),
-      ids_restore (B, L): argsort of the shuffle, so gathering [kept, mask tokens] with it unshuffles,
-      mask (B, L) float: 1 = removed, 0 = kept.
-    """
-    keep = num_kept(length, mask_ratio)
-    if noise is None:
-        noise = torch.rand(batch_size, length, device=device)
-    if noise.shape != (batch_size, length):
-        raise ValueError(f"noise must be ({batch_size}, {length}), got {tuple(noise.shape)}")
-    ids_shuffle = noise.argsort(dim=1)
+
+def masking_from_order(order, keep):
+    """The Masking that keeps the `keep` lowest entries of each row of `order` (B, L) (a stable sort: ties
+    keep their natural order)."""
+    ids_shuffle = order.argsort(dim=1, stable=True)
     ids_restore = ids_shuffle.argsort(dim=1)
-    mask = torch.ones(batch_size, length, device=noise.device)
-    mask[:, :keep] = 0
-    mask = mask.gather(1, ids_restore)
-    return ids_shuffle[:, :keep], ids_restore, mask
+    mask = (ids_restore >= keep).float()  # 1 = removed
+    return Masking(ids_shuffle[:, :keep], ids_shuffle[:, keep:], ids_restore, mask)
+
+
+def random_masking(noise, mask_ratio):
+    """The paper's rule (section 3.2): per sample, keep the floor(L x (1 - ratio)) positions of lowest noise
+    (mae's scheme; official draws one noise row for the whole batch, which equal rows reproduce). noise: (B, L)
+    floats. A different masking strategy is a different function returning a Masking."""
+    return masking_from_order(noise, num_kept(noise.size(1), mask_ratio))
+
+
+def visible_masking(visible):
+    """An explicit choice of visible tokens: visible (B, L) bool, True = the encoder sees it, the same count in
+    every row (so the batch stays one tensor). The visible ones enter in their natural order."""
+    counts = visible.sum(dim=1)
+    if len(counts) and not bool((counts == counts[0]).all()):
+        raise ValueError(f"visible: every row must show as many tokens (got {sorted(set(counts.tolist()))})")
+    return masking_from_order((~visible).to(torch.uint8), int(counts[0]) if len(counts) else 0)
 
 
 def gather_tokens(x, ids):
     """x: (B, L, D), ids: (B, K) -> (B, K, D)."""
     return x.gather(1, ids[:, :, None].expand(-1, -1, x.size(-1)))
-
-
-def removed_ids(mask, n_removed):
-    """The removed positions of each row, in ascending order: mask (B, L) float, 1 = removed, exactly n_removed
-    ones per row (as random_masking draws it) -> (B, n_removed) int64. A stable sort puts the kept zeros first."""
-    return mask.argsort(dim=1, stable=True)[:, mask.size(1) - n_removed :]
 
 
 def unshuffle(kept, mask_token, ids_restore):
@@ -343,30 +349,39 @@ def unshuffle(kept, mask_token, ids_restore):
 # losses (paper section 3.3), each averaged per sample first and then over the batch, as official
 
 
-def image_loss(pred, target, mask, norm_pix=False):
-    """MSE over removed patches. pred, target: (B, N, p*p*C) with target = patchify(images); mask (B, N)
-    1 = removed. norm_pix normalises each target patch by its own mean and variance (mae's option;
-    unbiased variance, eps 1e-6, as mae). A sample with nothing removed contributes 0."""
+def patch_mse(pred, target, norm_pix=False):
+    """Squared error per patch, (B, M): pred, target (B, M, p*p*C). norm_pix normalises each target patch by its
+    own mean and variance (mae's option; unbiased variance, eps 1e-6, as mae)."""
     if norm_pix:
         mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
         target = (target - mean) / (var + 1e-6).sqrt()
-    per_patch = (pred.float() - target.float()).pow(2).mean(dim=-1)  # (B, N)
-    per_sample = (per_patch * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-5)
-    return per_sample.mean()
+    return (pred.float() - target.float()).pow(2).mean(dim=-1)
 
 
-def text_loss(logits, tokens, mask, padding_mask):
-    """Cross-entropy over text slots that are removed AND not padding. logits (B, T, V), tokens (B, T),
-    mask (B, T) 1 = removed, padding_mask (B, T) True = pad. Per sample: sum / max(n, 1e-5) (official);
-    a sample with no such token adds 0 but still counts in the batch mean, so the loss is never NaN."""
-    valid = mask * (~padding_mask).float()  # (B, T)
-    ce = F.cross_entropy(logits.float().transpose(1, 2), tokens, reduction="none")  # (B, T)
-    per_sample = (ce * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1e-5)
-    return per_sample.mean()
+def token_ce(logits, tokens):
+    """Cross-entropy per token, (B, M) float32: logits (B, M, V) (any float dtype), tokens (B, M). The class
+    dim stays the last, contiguous one, and log_softmax reads bf16 logits without an fp32 copy first."""
+    logp = F.log_softmax(logits.flatten(0, 1), dim=-1, dtype=torch.float32)  # (B*M, V)
+    return F.nll_loss(logp, tokens.flatten(), reduction="none").view(tokens.shape)
+
+
+def per_sample_mean(values, weights):
+    """sum(values x weights) / max(sum(weights), 1e-5) per sample (official), then the batch mean: a sample with
+    nothing to score adds 0 but still counts, so the loss is never NaN. values, weights: (B, M)."""
+    return ((values * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-5)).mean()
 
 
 # -----------------------------------------------------------------------------
 # the model
+
+
+class Encoded(NamedTuple):
+    """The encoder's output on a masked input: x (B, 1 + K_img + K_txt, D) after the final norm, the Masking of
+    each modality (None when absent) and the text padding mask (B, T) (None without text)."""
+    x: torch.Tensor
+    image: Optional[Masking]
+    text: Optional[Masking]
+    text_padding_mask: Optional[torch.Tensor]
 
 
 class M3AE(nn.Module):
@@ -421,14 +436,12 @@ class M3AE(nn.Module):
         # Official text table: flax nn.Embed's default normal(std 1.0), not 0.02 (mae has no text).
         nn.init.normal_(self.text_embed.weight, std=1.0)
 
-    def _impl(self):
-        return self.config.attn_impl
-
     # --- embeddings -------------------------------------------------------------------------------
 
     def embed_image(self, images):
         """(B, C, H, W) -> (B, N, D): patch projection + 2D position + image type (before masking)."""
-        return self.patch_embed(patchify(images, self.config.patch_size)) + self.enc_image_pos + self.enc_image_type
+        x = self.patch_embed(patchify(images, self.config.patch_size))
+        return x + self.enc_image_pos + self.enc_image_type
 
     def embed_text(self, text):
         """(B, T) -> (B, T, D): token embedding + 1D position + text type (before masking)."""
@@ -446,146 +459,128 @@ class M3AE(nn.Module):
                 raise ValueError("text_padding_mask must be a bool tensor shaped like text (True = padding)")
         return text_padding_mask
 
+    def masking(self, batch_size, length, ratio, noise=None, visible=None, device=None):
+        """One modality's Masking: `visible` (B, L) bool if given, else random_masking of `noise` (B, L) or of
+        fresh uniform noise, at `ratio`. The only place a forward decides what is hidden."""
+        if visible is not None:
+            return visible_masking(visible.to(device))
+        if noise is None:
+            noise = torch.rand(batch_size, length, device=device)
+        if noise.shape != (batch_size, length):
+            raise ValueError(f"noise must be ({batch_size}, {length}), got {tuple(noise.shape)}")
+        return random_masking(noise.to(device), ratio)
+
     # --- encoder ----------------------------------------------------------------------------------
 
-    def _encoder_tokens(self, images, text, text_padding_mask, mask=False, image_noise=None, text_noise=None):
-        """The encoder's input, before any block: [CLS, patches, text slots], each embedded with its position
-        and type. mask=False keeps every token in its natural order (encode, attention_maps); mask=True keeps
-        a random subset of each modality in the order random_masking draws it (forward_encoder).
-        Returns (x (B, S, D); pad (B, S) bool, True = padding, or None without text; info): info holds the
-        text_padding_mask used and, per modality, *_mask (1 = removed) and *_ids_restore (None when absent
-        or not masking)."""
-        c = self.config
-        text_padding_mask = self._check_inputs(images, text, text_padding_mask)
+    def _encoder_input(self, images, text, text_padding_mask, image_masking=None, text_masking=None):
+        """The encoder's input before any block: [CLS, patches, text slots], each embedded with its position and
+        type; a modality with a Masking keeps its visible tokens only, one without keeps all in natural order.
+        Returns (x (B, S, D), pad (B, S) bool, True = padding, or None without text)."""
         B = images.size(0) if images is not None else text.size(0)
         device = self.cls_token.device
         xs = [self.cls_token.expand(B, -1, -1)]  # (B, 1, D)
         pads = [torch.zeros(B, 1, dtype=torch.bool, device=device)]  # CLS is never padding
-        info = dict(image_mask=None, image_ids_restore=None, text_mask=None, text_ids_restore=None)
         if images is not None:
             x_img = self.embed_image(images)  # (B, N, D)
-            if mask:
-                ids_keep, info["image_ids_restore"], info["image_mask"] = random_masking(
-                    B, x_img.size(1), c.image_mask_ratio, image_noise, device)
-                x_img = gather_tokens(x_img, ids_keep)  # (B, keep_img, D)
+            if image_masking is not None:
+                x_img = gather_tokens(x_img, image_masking.ids_keep)  # (B, K_img, D)
             xs.append(x_img)
             pads.append(torch.zeros(B, x_img.size(1), dtype=torch.bool, device=device))
         if text is not None:
-            x_txt = self.embed_text(text)  # (B, T, D)
-            text_pad = text_padding_mask  # (B, T)
-            if mask:
+            x_txt, pad = self.embed_text(text), text_padding_mask  # (B, T, D), (B, T)
+            if text_masking is not None:
                 # Padding slots take part in the draw (the paper's keep count includes them); a padding slot
                 # that stays visible is hidden as an attention key.
-                ids_keep, info["text_ids_restore"], info["text_mask"] = random_masking(
-                    B, x_txt.size(1), c.text_mask_ratio, text_noise, device)
-                x_txt, text_pad = gather_tokens(x_txt, ids_keep), text_padding_mask.gather(1, ids_keep)  # keep_txt
+                ids = text_masking.ids_keep
+                x_txt, pad = gather_tokens(x_txt, ids), text_padding_mask.gather(1, ids)  # K_txt slots
             xs.append(x_txt)
-            pads.append(text_pad)
-        x, pad = torch.cat(xs, dim=1), torch.cat(pads, dim=1)  # (B, S, D), (B, S)
-        info["text_padding_mask"] = text_padding_mask
-        return x, pad if text is not None else None, info
+            pads.append(pad)
+        return torch.cat(xs, dim=1), (torch.cat(pads, dim=1) if text is not None else None)
 
-    def forward_encoder(self, images=None, text=None, text_padding_mask=None, image_noise=None, text_noise=None):
-        """Mask each modality, then encode [CLS, kept patches, kept text]. Returns a dict with the encoder
-        output `x` (B, 1 + keep_img + keep_txt, D) after the final norm, `text_padding_mask` (B, T), and per
-        modality `*_mask` (1 = removed) and `*_ids_restore` (None for an absent modality)."""
-        x, pad, out = self._encoder_tokens(images, text, text_padding_mask, True, image_noise, text_noise)
-        out["x"] = self.encoder(x, pad, self._impl())  # (B, 1 + keep_img + keep_txt, D)
-        return out
+    def forward_encoder(self, images=None, text=None, text_padding_mask=None, image_noise=None, text_noise=None,
+                        image_visible=None, text_visible=None):
+        """Mask each modality (self.masking), then encode [CLS, visible patches, visible text]: an Encoded."""
+        c = self.config
+        text_padding_mask = self._check_inputs(images, text, text_padding_mask)
+        B = images.size(0) if images is not None else text.size(0)
+        device = self.cls_token.device
+        image_masking = text_masking = None
+        if images is not None:
+            image_masking = self.masking(B, c.num_patches, c.image_mask_ratio, image_noise, image_visible, device)
+        if text is not None:
+            text_masking = self.masking(B, text.size(1), c.text_mask_ratio, text_noise, text_visible, device)
+        x, pad = self._encoder_input(images, text, text_padding_mask, image_masking, text_masking)
+        x = self.encoder(x, pad, c.attn_impl)  # (B, 1 + K_img + K_txt, D)
+        return Encoded(x, image_masking, text_masking, text_padding_mask)
 
     # --- decoder ----------------------------------------------------------------------------------
 
-    def forward_decoder(self, enc):
-        """Decode, then apply each head to every token. Returns (image_pred (B, N, p*p*C) or None,
-        text_logits (B, T, V) or None)."""
-        x_img, x_txt = self.decode(enc)
-        image_pred = self.image_head(x_img) if x_img is not None else None  # (B, N, p*p*C)
-        text_logits = self.text_head(x_txt) if x_txt is not None else None  # (B, T, V)
-        return image_pred, text_logits
-
     def decode(self, enc):
-        """Re-insert mask tokens, unshuffle, add decoder positions and types, decode [CLS, all patches,
-        all text slots]. Returns the decoder's output per modality, before the heads: (x_img (B, N, Dd) or None,
-        x_txt (B, T, Dd) or None)."""
-        c = self.config
-        x = self.decoder_embed(enc["x"])  # (B, 1 + kept, Dd): one projection for CLS, image and text
+        """Re-insert mask tokens, unshuffle, add decoder positions and types, decode [CLS, all patches, all
+        text slots]. Returns the decoder's output per modality, before the heads: (x_img (B, N, Dd) or None,
+        x_txt (B, T, Dd) or None). How many tokens were visible is read from the Maskings."""
+        x = self.decoder_embed(enc.x)  # (B, 1 + K_img + K_txt, Dd): one projection for CLS, image and text
         B = x.size(0)
         xs, pads = [x[:, :1]], [torch.zeros(B, 1, dtype=torch.bool, device=x.device)]  # CLS: (B, 1, Dd)
         n_img, start = 0, 1
-        if enc["image_ids_restore"] is not None:
-            n_img = enc["image_ids_restore"].size(1)
-            keep = num_kept(n_img, c.image_mask_ratio)
-            x_img = unshuffle(x[:, start : start + keep], self.image_mask_token, enc["image_ids_restore"])
+        if enc.image is not None:
+            n_img, keep = enc.image.ids_restore.size(1), enc.image.ids_keep.size(1)
+            x_img = unshuffle(x[:, start : start + keep], self.image_mask_token, enc.image.ids_restore)
             xs.append(x_img + self.dec_image_pos + self.dec_image_type)  # (B, N, Dd)
             pads.append(torch.zeros(B, n_img, dtype=torch.bool, device=x.device))
             start += keep
-        has_text = enc["text_ids_restore"] is not None
-        if has_text:
-            T = enc["text_ids_restore"].size(1)
-            x_txt = unshuffle(x[:, start:], self.text_mask_token, enc["text_ids_restore"])
+        if enc.text is not None:
+            T = enc.text.ids_restore.size(1)
+            x_txt = unshuffle(x[:, start:], self.text_mask_token, enc.text.ids_restore)
             xs.append(x_txt + self.dec_text_pos[:, :T] + self.dec_text_type)  # (B, T, Dd)
-            pads.append(enc["text_padding_mask"])  # the decoder hides every padding slot (as official)
-        x = self.decoder(torch.cat(xs, dim=1), torch.cat(pads, dim=1) if has_text else None, self._impl())
-        x = x[:, 1:]  # (B, N [+ T], Dd): the decoder's CLS output is discarded
-        return (x[:, :n_img] if n_img else None), (x[:, n_img:] if has_text else None)
+            pads.append(enc.text_padding_mask)  # the decoder hides every padding slot (as official)
+        pad = torch.cat(pads, dim=1) if enc.text is not None else None
+        x = self.decoder(torch.cat(xs, dim=1), pad, self.config.attn_impl)[:, 1:]  # decoder's CLS dropped
+        return (x[:, :n_img] if n_img else None), (x[:, n_img:] if enc.text is not None else None)
 
-    # --- loss and forward -------------------------------------------------------------------------
+    # --- the loss: one method, one path on every device -------------------------------------------
 
-    def forward_loss(self, images, text, enc, image_pred, text_logits):
-        """Weighted sum (section 3.3) and its parts; an absent modality contributes a zero."""
-        c = self.config
-        zero = enc["x"].new_zeros((), dtype=torch.float32)
-        l_img = zero if image_pred is None else image_loss(
-            image_pred, patchify(images, c.patch_size), enc["image_mask"], c.norm_pix_loss)
-        l_txt = zero if text_logits is None else text_loss(
-            text_logits, text, enc["text_mask"], enc["text_padding_mask"])
-        return dict(loss=c.image_loss_weight * l_img + c.text_loss_weight * l_txt, image_loss=l_img, text_loss=l_txt)
-
-    def forward_loss_removed(self, images, text, enc, x_img, x_txt):
-        """forward_loss's value with each head applied only to the removed tokens, the only ones the loss reads
-        (a quarter fewer head rows at mask 0.75, and no (B, T, V) logits for the kept text slots). x_img, x_txt:
-        decode's outputs. The removed count per row is fixed by the config, so every shape is static (no host
-        sync, one torch.compile graph); removed padding slots are still evaluated, at weight 0, as in text_loss.
-        Equal to forward_loss up to float rounding (summation order): tests/test_model.py."""
-        c = self.config
-        zero = enc["x"].new_zeros((), dtype=torch.float32)
-        l_img = l_txt = zero
+    def forward_loss(self, images, text, enc, x_img, x_txt):
+        """The training objective (section 3.3), with each head run on the removed tokens only (the only ones
+        the loss reads: no logits for the visible text slots). Returns {"loss": the weighted sum, and each term
+        by name}; the term "<name>" is weighted by the config field "<name>_weight", so a new term is a few
+        lines here plus one field, and train.py logs it by name. An absent modality has no term."""
+        c, terms = self.config, {}
         if x_img is not None:
-            N = x_img.size(1)
-            ids = removed_ids(enc["image_mask"], N - num_kept(N, c.image_mask_ratio))  # (B, M)
+            ids = enc.image.ids_removed  # (B, M)
             pred = self.image_head(gather_tokens(x_img, ids))  # (B, M, p*p*C)
-            target = gather_tokens(patchify(images, c.patch_size), ids)  # (B, M, p*p*C)
-            l_img = image_loss(pred, target, torch.ones(ids.shape, device=ids.device), c.norm_pix_loss)
+            target = gather_tokens(patchify(images, c.patch_size), ids)
+            mse = patch_mse(pred, target, c.norm_pix_loss)  # (B, M): MSE on the removed patches
+            terms["image_loss"] = per_sample_mean(mse, torch.ones_like(mse))
         if x_txt is not None:
-            T = x_txt.size(1)
-            ids = removed_ids(enc["text_mask"], T - num_kept(T, c.text_mask_ratio))  # (B, M)
-            logits = self.text_head(gather_tokens(x_txt, ids))  # (B, M, V)
-            # cross-entropy on (B*M, V) rows: the class dim stays the last, contiguous one (text_loss's (B, V, T)
-            # transpose makes CUDA's log_softmax copy the logits), and dtype=float32 reads bf16 logits without
-            # an fp32 copy of them first
-            logp = F.log_softmax(logits.flatten(0, 1), dim=-1, dtype=torch.float32)  # (B*M, V)
-            ce = F.nll_loss(logp, text.gather(1, ids).flatten(), reduction="none").view(ids.shape)  # (B, M)
-            valid = (~enc["text_padding_mask"].gather(1, ids)).float()  # (B, M): removed and not padding
-            l_txt = ((ce * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1e-5)).mean()  # as text_loss
-        return dict(loss=c.image_loss_weight * l_img + c.text_loss_weight * l_txt, image_loss=l_img, text_loss=l_txt)
+            ids = enc.text.ids_removed  # (B, M): removed padding slots are scored at weight 0
+            ce = token_ce(self.text_head(gather_tokens(x_txt, ids)), text.gather(1, ids))  # (B, M)
+            terms["text_loss"] = per_sample_mean(ce, (~enc.text_padding_mask.gather(1, ids)).float())
+        loss = sum(getattr(c, name + "_weight") * value for name, value in terms.items())
+        return {"loss": loss, **terms}
 
     def forward(self, images=None, text=None, text_padding_mask=None, image_noise=None, text_noise=None,
-                predictions=True):
-        """Masked reconstruction. images (B, 3, H, W) or None; text (B, T) int64 or None; text_padding_mask
-        (B, T) bool, True = pad (default: text == 0); *_noise (B, L) fixes the masks (see random_masking).
-        Returns a dict: loss, image_loss, text_loss, image_pred, text_logits, image_mask, text_mask.
-        predictions=False: the heads run only on the removed tokens (forward_loss_removed), for a caller that
-        needs the loss alone (training); image_pred and text_logits are then None."""
-        enc = self.forward_encoder(images, text, text_padding_mask, image_noise, text_noise)
-        if not predictions:
-            out = self.forward_loss_removed(images, text, enc, *self.decode(enc))
-            out.update(image_pred=None, text_logits=None, image_mask=enc["image_mask"], text_mask=enc["text_mask"])
-            return out
-        image_pred, text_logits = self.forward_decoder(enc)
-        out = self.forward_loss(images, text, enc, image_pred, text_logits)
-        out.update(image_pred=image_pred, text_logits=text_logits, image_mask=enc["image_mask"],
-                   text_mask=enc["text_mask"])
-        return out
+                image_visible=None, text_visible=None):
+        """Masked reconstruction loss. images (B, 3, H, W) or None; text (B, T) int64 or None; text_padding_mask
+        (B, T) bool, True = pad (default: text == 0). What is hidden: *_visible (B, L) bool if given, else
+        random_masking of *_noise (B, L) (None: fresh noise) at the config's ratio. Returns forward_loss's dict:
+        the loss and its terms by name (the masks drawn: forward_encoder or reconstruct)."""
+        enc = self.forward_encoder(images, text, text_padding_mask, image_noise, text_noise, image_visible,
+                                   text_visible)
+        return self.forward_loss(images, text, enc, *self.decode(enc))
+
+    @torch.no_grad()
+    def reconstruct(self, images=None, text=None, text_padding_mask=None, image_noise=None, text_noise=None,
+                    image_visible=None, text_visible=None):
+        """What the decoder predicts everywhere, for looking at (viz.py), not for training: the same inputs as
+        forward; returns image_pred (B, N, p*p*C), text_logits (B, T, V) (None for an absent modality) and
+        image_mask / text_mask (1 = removed)."""
+        enc = self.forward_encoder(images, text, text_padding_mask, image_noise, text_noise, image_visible,
+                                   text_visible)
+        x_img, x_txt = self.decode(enc)
+        return dict(image_pred=self.image_head(x_img) if x_img is not None else None,
+                    text_logits=self.text_head(x_txt) if x_txt is not None else None,
+                    image_mask=enc.image.mask if enc.image else None, text_mask=enc.text.mask if enc.text else None)
 
     # --- downstream: the encoder on the whole, unmasked input ---------------------------------------
 
@@ -593,8 +588,9 @@ class M3AE(nn.Module):
         """Encode without masking, for probes and visualisation. Returns (cls, tokens): cls (B, D) is the
         CLS feature after the final norm (what the paper's linear probe reads); tokens (B, N [+ T], D) are
         the patch (then text) features in their natural order."""
-        x, pad, _ = self._encoder_tokens(images, text, text_padding_mask)
-        x = self.encoder(x, pad, self._impl())  # (B, 1 + N [+ T], D)
+        text_padding_mask = self._check_inputs(images, text, text_padding_mask)
+        x, pad = self._encoder_input(images, text, text_padding_mask)
+        x = self.encoder(x, pad, self.config.attn_impl)  # (B, 1 + N [+ T], D)
         return x[:, 0], x[:, 1:]
 
     def attention_maps(self, images=None, text=None, text_padding_mask=None):
@@ -604,7 +600,8 @@ class M3AE(nn.Module):
         config.attn_impl says (SDPA and the fused kernel never form the weights): each block's q and k are
         recomputed from the block's input with the block's own modules. Call it under torch.no_grad() unless
         you want gradients through the maps."""
-        x, pad, _ = self._encoder_tokens(images, text, text_padding_mask)  # (B, S, D)
+        text_padding_mask = self._check_inputs(images, text, text_padding_mask)
+        x, pad = self._encoder_input(images, text, text_padding_mask)  # (B, S, D)
         maps = []
         for block in self.encoder.blocks:
             q, k, _ = block.attn.heads(block.norm1(x))  # (B, nh, S, hs) each
@@ -613,24 +610,8 @@ class M3AE(nn.Module):
         return maps
 
 
-# -----------------------------------------------------------------------------
-# checkpoints: a dict with at least "model" (state_dict) and "config" (the M3AEConfig fields as a dict);
-# train.py adds optimizer, schedule, step and RNG states. Everything loads with torch.load(weights_only=True).
-
-
-def checkpoint_dict(model, **extra):
-    return {"model": model.state_dict(), "config": asdict(model.config), **extra}
-
-
-def load_model(path, map_location="cpu", **config_overrides):
-    """Build an M3AE from a checkpoint written by train.py or convert.py. Returns (model, checkpoint)."""
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    model = M3AE(M3AEConfig(**{**ckpt["config"], **config_overrides}))
-    model.load_state_dict(ckpt["model"])
-    return model, ckpt
-
-
 def count_parameters(config):
+
     """Parameter counts by part, computed on the meta device (no memory, any preset)."""
     with torch.device("meta"):
         model = M3AE(config)

@@ -1,40 +1,32 @@
 """An out-dir belongs to one run: train.py's bookkeeping of OUT_DIR, apart from the training loop.
 
     OUT_DIR/.lock          held (flock) while a train.py runs there: a second run in the same out-dir stops at once
-    OUT_DIR/config.json    the run's model config, flags and data fingerprint, written when it starts
-    OUT_DIR/ckpt.pt        the latest checkpoint; ckpt_prev.pt the one before it, kept until a new one is verified
+    OUT_DIR/config.json    the run's settings (train.Run), model config and data fingerprint
+    OUT_DIR/ckpt.pt        the latest checkpoint; ckpt_prev.pt the one before it (checkpoint.py writes both)
     OUT_DIR/log.jsonl      one record per logged step (a resume drops the records it will replay)
-    OUT_DIR/tokenizer.model  the tokenizer trained on this run's captions
+    OUT_DIR/tokenizer.model or vocab.txt    the run's tokenizer
+    OUT_DIR/outputs.txt    what probe.py, ood.py and viz.py wrote here (so that --overwrite can remove it)
 
-Rules: a new run refuses an out-dir that holds another run's files unless told --overwrite; --resume takes every
-flag the user does not repeat from the run itself and refuses a changed flag that would alter the model, the
-tokenizer or the data (RESUME_FIXED), naming each; a checkpoint is written to a temp file, read back, and only
-then replaces ckpt.pt (the old one becomes ckpt_prev.pt); temp files of killed runs are removed at start.
+Rules: nothing is written into OUT_DIR until every input was checked (check_out_dir, then claim). A new run
+refuses an out-dir that holds another run unless told --overwrite, which then deletes the files a run writes
+(the names above and those outputs.txt lists), never a file given as an input, and nothing else. Only temp
+files with this project's mark (checkpoint.TMP_MARK) are ever removed as leftovers of a killed run. --resume
+takes every setting the user does not repeat from the run's record and refuses a changed "fixed" one
+(util.resume_merge reads the rule from each setting's declaration).
 """
 
-import errno
 import fcntl
-import glob
 import hashlib
 import json
 import os
-import shutil
 
 import torch
 
-CKPT, PREV, CONFIG, LOG, TOKENIZER, LOCK = "ckpt.pt", "ckpt_prev.pt", "config.json", "log.jsonl", "tokenizer.model", \
-    ".lock"
-RUN_FILES = (CKPT, PREV, CONFIG, LOG, TOKENIZER, "vocab.txt", "probe.json")
+from checkpoint import CKPT, PREV, DiskFull, is_our_tmp, write_atomic
 
-# Flags that a resume may not change: the model and its loss, the tokenizer, the data and the order it is read in.
-RESUME_FIXED = ("preset", "image_size", "patch_size", "text_len", "image_mask_ratio", "text_mask_ratio", "image_weight",
-                "text_weight", "no_text", "norm_pix", "data", "data_seed", "data_level", "train_size", "wds_shards",
-                "epoch_samples", "csv", "csv_img_key", "csv_caption_key", "csv_separator", "wds_image_key",
-                "wds_caption_key", "text_file", "image_dir", "paired_share", "tokenizer", "vocab_size", "seed",
-                "batch_size")
-# Flags that belong to one invocation, never taken from the run's record.
-PER_INVOCATION = ("resume", "overwrite", "out_dir", "stop_after", "bench", "bench_steps", "device", "workers",
-                  "compile", "dtype", "attn", "heads", "profile", "given", "resume_notes", "init_from")
+CONFIG, LOG, TOKENIZER, VOCAB, LOCK, OUTPUTS = ("config.json", "log.jsonl", "tokenizer.model", "vocab.txt",
+                                               ".lock", "outputs.txt")
+RUN_FILES = (CKPT, PREV, CONFIG, LOG, TOKENIZER, VOCAB, "probe.json", "curves.png", OUTPUTS)
 
 
 class RunDirError(Exception):
@@ -42,12 +34,43 @@ class RunDirError(Exception):
 
 
 # -----------------------------------------------------------------------------
-# claiming the out-dir
+# claiming the out-dir: checked first (read only), claimed once every input is known good
 
 
-def claim(out_dir, resume=False, overwrite=False):
-    """Lock OUT_DIR for this process (released when it exits, even by kill -9), remove temp files of killed runs,
-    and check the out-dir is this run's to use. Returns the open lock file: keep it alive for the whole run."""
+def run_files(out_dir):
+    """The files of a run present in OUT_DIR: the fixed names, and what outputs.txt lists (inside OUT_DIR)."""
+    names = [n for n in RUN_FILES if os.path.isfile(os.path.join(out_dir, n))]
+    listed = os.path.join(out_dir, OUTPUTS)
+    if os.path.isfile(listed):
+        root = os.path.realpath(out_dir)
+        with open(listed, errors="replace") as f:
+            for line in f:
+                path = os.path.realpath(os.path.join(out_dir, line.strip()))
+                if line.strip() and path.startswith(root + os.sep) and os.path.isfile(path):
+                    names.append(os.path.relpath(path, root))
+    return sorted(set(names))
+
+
+def check_out_dir(out_dir, resume=False, overwrite=False):
+    """Read-only checks before any work: OUT_DIR (or the folder it will be made in) is a writable folder, and
+    holds no other run unless --resume or --overwrite says what to do with it."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise RunDirError(f"--out-dir {out_dir} is a file, not a folder")
+    parent = out_dir
+    while not os.path.exists(parent):
+        parent = os.path.dirname(os.path.abspath(parent))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RunDirError(f"--out-dir {out_dir}: {parent} is not writable by this user")
+    present = run_files(out_dir) if os.path.isdir(out_dir) else []
+    if present and not (resume or overwrite):
+        raise RunDirError(f"--out-dir {out_dir} already holds a run ({', '.join(present[:6])}): pass --resume to "
+                          f"continue it, --overwrite to delete it and start afresh, or choose another --out-dir")
+
+
+def claim(out_dir, overwrite=False, inputs=()):
+    """Lock OUT_DIR for this process (released when it exits, even by kill -9), remove this project's temp files
+    of killed runs, and with --overwrite delete the previous run's files, except any of `inputs` (paths the
+    user passed in). Returns the open lock file: keep it alive for the whole run."""
     os.makedirs(out_dir, exist_ok=True)
     lock = open(os.path.join(out_dir, LOCK), "a+")
     try:
@@ -62,17 +85,28 @@ def claim(out_dir, resume=False, overwrite=False):
     lock.truncate()
     lock.write(str(os.getpid()))
     lock.flush()
-    for tmp in glob.glob(os.path.join(glob.escape(out_dir), "*.tmp.*")):  # we hold the lock: no writer is alive
-        os.remove(tmp)
-    present = [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
-    if present and overwrite:
-        for name in present:
+    for name in os.listdir(out_dir):  # we hold the lock: no writer of ours is alive
+        if is_our_tmp(name) and os.path.isfile(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
-    elif present and not resume:
-        lock.close()
-        raise RunDirError(f"--out-dir {out_dir} already holds a run ({', '.join(present)}): pass --resume to continue "
-                          f"it, --overwrite to delete it and start afresh, or choose another --out-dir")
+    if overwrite:
+        keep = {os.path.realpath(p) for p in inputs if p}
+        for name in run_files(out_dir):
+            path = os.path.join(out_dir, name)
+            if os.path.realpath(path) not in keep:
+                os.remove(path)
     return lock
+
+
+def record_output(folder, path):
+    """Note in FOLDER/outputs.txt that a script wrote `path` there (so that --overwrite removes it)."""
+    rel = os.path.relpath(path, folder)
+    listed = os.path.join(folder, OUTPUTS)
+    if os.path.isfile(listed):
+        with open(listed, errors="replace") as f:
+            if rel in (line.strip() for line in f):
+                return
+    with open(listed, "a") as f:
+        f.write(rel + "\n")
 
 
 # -----------------------------------------------------------------------------
@@ -87,150 +121,98 @@ def file_fingerprint(path):
     return [os.path.getsize(path), h.hexdigest()[:16]]
 
 
-def data_fingerprint(files=(), shards=(), folders=()):
-    """What the run's data is, to compare at --resume: files by content, shards and folders by their listing."""
-    fp = {os.path.abspath(p): file_fingerprint(p) for p in files if p}
-    for s in shards:
-        fp[os.path.abspath(s)] = [os.path.getsize(s)] if os.path.exists(s) else ["missing"]
-    for folder in folders:
-        if folder:
-            listing = sorted((os.path.relpath(os.path.join(d, f), folder), os.path.getsize(os.path.join(d, f)))
-                             for d, _, names in os.walk(folder) for f in names)
-            fp[os.path.abspath(folder)] = [len(listing), hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]]
+def folder_fingerprint(folder):
+    """(file count, hash of the relative names and sizes); unreadable entries (dangling links) count as size -1."""
+    listing = []
+    for d, _, names in os.walk(folder):
+        for f in names:
+            path = os.path.join(d, f)
+            listing.append((os.path.relpath(path, folder), os.path.getsize(path) if os.path.exists(path) else -1))
+    listing.sort()
+    return [len(listing), hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]]
+
+
+def data_fingerprint(files=None, shards=(), folders=None, tokenizer_bytes=None):
+    """What the run's data is, to compare at --resume, keyed by role (e.g. "csv"), never by where a file sits:
+    a run folder that is moved or copied still resumes. files, folders: {role: path or None}."""
+    fp = {role: file_fingerprint(p) for role, p in (files or {}).items() if p}
+    fp.update({role: folder_fingerprint(p) for role, p in (folders or {}).items() if p})
+    if shards:
+        listing = [(os.path.basename(s), os.path.getsize(s) if os.path.exists(s) else -1) for s in shards]
+        fp["shards"] = [len(listing), hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]]
+    if tokenizer_bytes is not None:
+        fp["tokenizer"] = hashlib.sha256(tokenizer_bytes).hexdigest()[:16]
     return fp
 
 
-def recorded_args(out_dir):
-    """The flags the run in OUT_DIR was started with (its checkpoint's, else its config.json's), or None."""
-    for name, key in ((CKPT, "args"), (PREV, "args"), (CONFIG, "args")):
-        path = os.path.join(out_dir, name)
-        if not os.path.exists(path):
-            continue
-        try:
-            if name == CONFIG:
-                with open(path) as f:
-                    return json.load(f)[key]
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)[key]
-        except Exception:  # an unreadable checkpoint: the next file in the list speaks for the run
-            continue
-    return None
-
-
-def merge_resume_args(args, given, recorded):
-    """--resume: every flag the user did not give comes from the run's record; a given flag that differs is refused
-    if it is in RESUME_FIXED. Returns the notes on the allowed changes (e.g. more steps)."""
-    changed = {k: (recorded[k], getattr(args, k)) for k in given
-               if k in recorded and k not in PER_INVOCATION and recorded[k] != getattr(args, k)}
-    fixed = {k: v for k, v in changed.items() if k in RESUME_FIXED}
-    if fixed:
-        what = "; ".join(f"--{k.replace('_', '-')} {a!r} -> {b!r}" for k, (a, b) in fixed.items())
-        raise RunDirError(f"--resume cannot change what the run trains on or with: {what} (drop these flags to "
-                          f"continue as recorded, or start a new run in another --out-dir)")
-    for k, v in recorded.items():
-        if k not in given and k not in PER_INVOCATION and hasattr(args, k):
-            setattr(args, k, v)
-    return [f"--{k.replace('_', '-')} {a!r} -> {b!r}" for k, (a, b) in changed.items()]
-
-
 def check_fingerprint(recorded, current):
-    """Refuse a resume whose data or tokenizer files changed since the run started, naming each."""
-    diff = [f"{p} ({recorded.get(p)} -> {current.get(p)})" for p in sorted(set(recorded) | set(current))
-            if recorded.get(p) != current.get(p)]
+    """Refuse a resume whose data or tokenizer changed since the run started, naming each. A record of an older
+    version (keyed by absolute paths) cannot be compared: it is skipped, with a note."""
+    if any(os.path.isabs(k) for k in recorded):
+        print("note: the run's data fingerprint is of an older version (absolute paths); not compared")
+        return
+    diff = [f"{k} ({recorded.get(k)} -> {current.get(k)})" for k in sorted(set(recorded) | set(current))
+            if recorded.get(k) != current.get(k)]
     if diff:
         raise RunDirError(f"--resume: the run's data or tokenizer changed since it started: {'; '.join(diff[:5])}"
                           + (f" and {len(diff) - 5} more" if len(diff) > 5 else ""))
 
 
-# -----------------------------------------------------------------------------
-# checkpoints
-
-
-def nonfinite(tensors):
-    """Names of the floating tensors in a (nested) dict / list that hold a NaN or an infinity."""
-    bad = []
-
-    def walk(x, name):
-        if torch.is_tensor(x):
-            if x.is_floating_point() and not torch.isfinite(x).all():
-                bad.append(name)
-        elif isinstance(x, dict):
-            for k, v in x.items():
-                walk(v, f"{name}.{k}" if name else str(k))
-        elif isinstance(x, (list, tuple)):
-            for i, v in enumerate(x):
-                walk(v, f"{name}.{i}")
-
-    walk(tensors, "")
-    return bad
-
-
-def save_checkpoint(ckpt, out_dir):
-    """Write ckpt to OUT_DIR/ckpt.pt safely: refuse non-finite weights or optimizer state; write a temp file, fsync,
-    read it back; only then the old ckpt.pt becomes ckpt_prev.pt and the new one takes its place. A failed write
-    removes its temp file and leaves ckpt.pt as it was; a full disk says so and names the directory."""
-    bad = nonfinite({"model": ckpt["model"], "optimizer": ckpt.get("optimizer", {})})
-    if bad:
-        raise FloatingPointError(f"not saving a checkpoint with non-finite values ({', '.join(bad[:3])}"
-                                 f"{' ...' if len(bad) > 3 else ''}); the last good checkpoint is "
-                                 f"{os.path.join(out_dir, CKPT)}")
-    path = os.path.join(out_dir, CKPT)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if torch.load(tmp, map_location="cpu", weights_only=True, mmap=True).get("step") != ckpt.get("step"):
-            raise OSError(f"{tmp} did not read back as written")
-    except BaseException as e:
-        written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        free = shutil.disk_usage(out_dir).free
-        full = getattr(e, "errno", None) == errno.ENOSPC or (isinstance(e, (OSError, RuntimeError)) and
-                                                             free < max(written, 1 << 20))
-        if full:
-            raise RunDirError(f"no space left on the device of {os.path.abspath(out_dir)} while writing a checkpoint "
-                              f"({free >> 20} MiB free, {written >> 20} MiB written when it failed); "
-                              f"{CKPT} is as it was: free space, then --resume") from e
-        raise
-    if os.path.exists(path):  # ckpt.pt -> ckpt_prev.pt by a hard link, so that ckpt.pt never goes missing
-        prev, prev_tmp = os.path.join(out_dir, PREV), f"{os.path.join(out_dir, PREV)}.tmp.{os.getpid()}"
-        try:
-            os.link(path, prev_tmp)
-        except OSError:  # a file system without hard links
-            shutil.copyfile(path, prev_tmp)
-        os.replace(prev_tmp, prev)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(out_dir, map_location="cpu", set_aside=True):
-    """(checkpoint dict, file name) of the newest readable checkpoint in OUT_DIR, or (None, None) when there is
-    none. An unreadable ckpt.pt (truncated, corrupt) is set aside as ckpt.pt.corrupt (by rank 0 alone:
-    set_aside), with a message, and the previous one is used."""
-    for name in (CKPT, PREV):
+def recorded(out_dir):
+    """What the run in OUT_DIR recorded, {"run": settings, "model": config} (its checkpoint's, else its
+    config.json's), or None. A record of an older version (settings under "args") is read the same way."""
+    for name in (CKPT, PREV, CONFIG):
         path = os.path.join(out_dir, name)
-        if not os.path.exists(path):
+        if not os.path.isfile(path):
             continue
         try:
-            return torch.load(path, map_location=map_location, weights_only=True), name
-        except Exception as e:
-            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            if set_aside:
-                os.replace(path, path + ".corrupt")
-                print(f"{path} cannot be read ({reason}); moved to {name}.corrupt, trying {PREV}")
-    if os.path.exists(os.path.join(out_dir, CKPT + ".corrupt")):
-        raise RunDirError(f"no readable checkpoint in {out_dir} (see {CKPT}.corrupt); --overwrite starts afresh")
-    return None, None
+            if name == CONFIG:
+                with open(path) as f:
+                    rec = json.load(f)
+                return {"run": rec.get("run", rec.get("args")), "model": rec["model"]}
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return {"run": ckpt["args"], "model": ckpt["config"]}
+        except Exception:  # an unreadable file: the next one in the list speaks for the run
+            continue
+    return None
+
+
+def write_config(out_dir, record):
+    write_atomic(os.path.join(out_dir, CONFIG), lambda f: json.dump(record, f, indent=2), mode="w")
+
+
+# -----------------------------------------------------------------------------
+# the log
+
+
+def read_log(out_dir):
+    """The records of OUT_DIR/log.jsonl; a line that does not parse (cut by a full disk or a kill) is dropped."""
+    path = os.path.join(out_dir, LOG)
+    records = []
+    if os.path.isfile(path):
+        with open(path, errors="replace") as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    continue
+    return [r for r in records if isinstance(r, dict)]
 
 
 def trim_log(out_dir, step):
-    """Keep the log records of steps <= step (a resume replays the steps after its checkpoint)."""
-    path = os.path.join(out_dir, LOG)
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    with open(path + ".tmp.log", "w") as f:
-        f.writelines(keep)
-    os.replace(path + ".tmp.log", path)
+    """Keep the log records of steps <= step (a resume replays the steps after its checkpoint), dropping a cut
+    line; written atomically."""
+    if os.path.isfile(os.path.join(out_dir, LOG)):
+        keep = [r for r in read_log(out_dir) if r.get("step", 0) <= step]
+        write_atomic(os.path.join(out_dir, LOG), lambda f: f.writelines(json.dumps(r) + "\n" for r in keep), "w")
+
+
+def append_log(log_file, record):
+    """One record per line; a full disk says so in one line (the cut line is dropped at --resume)."""
+    try:
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+    except OSError as e:
+        folder = os.path.dirname(os.path.abspath(log_file.name))
+        raise DiskFull(e.errno, f"cannot write {log_file.name}: {e.strerror}; free space in {folder}, then "
+                       "--resume (a cut last line is dropped)") from e

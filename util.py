@@ -1,27 +1,17 @@
-"""What several scripts share, in one leaf module (it imports no script): seeded sampling, the lr schedule,
-atomic writes, the command-line formatter, and the conventions a checkpoint carries about how it was trained.
+"""What several scripts share, in one leaf module (it imports nothing of this project): seeded sampling, the lr
+schedule, the command-line formatter, and `knob`, the one way a setting is declared.
 
-Checkpoint convention (every key loads with torch.load(weights_only=True)):
-  model, config          model.checkpoint_dict: the state dict and the M3AEConfig fields
-  args                   train.py's flags (what the run was told), when train.py wrote it
-  data                   {"mean", "std", "source"}: the normalisation the encoder was trained with
-  tokenizer              {"kind", "blob"}: the tokenizer itself (tokenizer.py), so a checkpoint is self-contained
-  optimizer, step, epoch, batch_in_epoch, rng    train.py's resume state
-Older checkpoints lack `data` / `tokenizer`: checkpoint_norm and the scripts fall back to `args`.
+A setting is declared once, as a dataclass field made with `knob` (model.M3AEConfig, train.Run): its default,
+its help text, what values are valid and how a --resume treats it live in the field's metadata; the flag
+(`--text-mask-ratio` for `text_mask_ratio`), its check and its resume rule all follow from it (add_flags,
+check_fields, resume_rule). No script keeps a list of flag names.
 """
 
 import argparse
+import dataclasses
 import math
-import os
 
 import torch
-
-import builtin
-import data
-from tokenizer import load_tokenizer, tokenizer_from_bytes
-
-NORMS = {"builtin": (builtin.BUILTIN_MEAN, builtin.BUILTIN_STD), "cc12m": (data.CC12M_MEAN, data.CC12M_STD),
-         "imagenet": (data.IMAGENET_MEAN, data.IMAGENET_STD)}
 
 
 # -----------------------------------------------------------------------------
@@ -71,20 +61,6 @@ def lr_at(step, max_lr, warmup, total, min_lr=0.0):
 
 
 # -----------------------------------------------------------------------------
-# files
-
-
-def save_atomic(obj, path):
-    """torch.save to a temp file in the same folder, fsync, then os.replace: a crash leaves the old file intact."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-# -----------------------------------------------------------------------------
 # command line: one formatter for every script (the module docstring as it is, and every flag's default)
 
 
@@ -103,60 +79,85 @@ def make_parser(doc, **kwargs):
 
 
 # -----------------------------------------------------------------------------
-# what a checkpoint says about its training
+# settings: each declared once, as a dataclass field; its flag, check and resume rule follow from it
+
+# How a --resume treats a setting: "fixed" ones define what the run trains (a change is refused, naming it),
+# "free" ones are taken from the run unless given again (--steps, --lr), "invocation" ones belong to one
+# command and are never taken from the run (--device, --out-dir).
+RESUME_RULES = ("fixed", "free", "invocation")
 
 
-def checkpoint_norm(ckpt, real_data_default=False):
-    """(mean, std) the encoder was trained with: the checkpoint's `data` entry, else its train.py --data (the
-    built-in statistics for built-in runs, CC12M's for real data); with neither, CC12M's when evaluating on real
-    folders (real_data_default) and the built-in statistics otherwise."""
-    if "data" in ckpt:
-        return tuple(ckpt["data"]["mean"]), tuple(ckpt["data"]["std"])
-    default = "cc12m" if real_data_default else "builtin"
-    pretrained_on = ckpt.get("args", {}).get("data", default)
-    return NORMS["builtin" if pretrained_on == "builtin" else "cc12m"]
+def knob(default, help=None, valid=None, *, choices=None, type=None, aliases=(), resume="fixed", shape=False):
+    """A dataclass field that declares a setting. help=None: no flag (the program sets it, e.g. vocab_size
+    from the tokenizer). valid: (predicate, "what is valid"), e.g. at_least(1). type: the flag's type when
+    the default is None. aliases: older flag names that still work. shape: the weights' shapes depend on it
+    (so it comes from --init-from's checkpoint, never from a flag)."""
+    assert resume in RESUME_RULES, resume
+    return dataclasses.field(default=default, metadata=dict(
+        help=help, valid=valid, choices=choices, type=type, aliases=aliases, resume=resume, shape=shape))
 
 
-def checkpoint_data_seed(ckpt):
-    return ckpt.get("args", {}).get("data_seed", 0)
+def at_least(low, high=None):
+    """Valid: finite, >= low (and <= high)."""
+    what = f"must be >= {low}" if high is None else f"must be in [{low}, {high}]"
+    return (lambda v: math.isfinite(v) and low <= v and (high is None or v <= high)), what
 
 
-def checkpoint_data_level(ckpt):
-    """The built-in difficulty the checkpoint was pretrained on ("hard" for checkpoints older than the knob)."""
-    return ckpt.get("args", {}).get("data_level", "hard")
+def fraction(high_open=True):
+    """Valid: a fraction in [0, 1), or [0, 1] with high_open=False."""
+    if high_open:
+        return (lambda v: math.isfinite(v) and 0 <= v < 1), "must be in [0, 1)"
+    return (lambda v: math.isfinite(v) and 0 <= v <= 1), "must be in [0, 1]"
 
 
-def pretraining_info(ckpt):
-    """What the checkpoint was trained with (from train.py's args), for result files and the sweep table."""
-    a = ckpt.get("args", {})
-    keys = ("steps", "seed", "no_text", "text_mask_ratio", "image_mask_ratio", "paired_share", "data", "data_seed",
-            "data_level")
-    return {k: a[k] for k in keys if k in a}
+def flag_name(name):
+    return "--" + name.replace("_", "-")
 
 
-def checkpoint_tokenizer(ckpt, ckpt_path=None, override=None):
-    """The tokenizer of a checkpoint: `override` (a --tokenizer file of either kind) if given, else the one the
-    checkpoint carries (train.py and convert.py --tokenizer record it), else the file its run was told to use,
-    else tokenizer.model next to it. Raises ValueError (one line, the places tried) when there is none, or when
-    its vocabulary is larger than the model's text embedding."""
-    vocab = ckpt.get("config", {}).get("vocab_size")
-    tried = []
-    if override:
-        tok = load_tokenizer(override)
-    elif "tokenizer" in ckpt:
-        tok = tokenizer_from_bytes(ckpt["tokenizer"]["kind"], ckpt["tokenizer"]["blob"])
-    else:
-        tok = None
-        tried = [ckpt.get("args", {}).get("tokenizer"),
-                 os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), "tokenizer.model") if ckpt_path else None]
-        for path in filter(None, tried):
-            if os.path.exists(path):
-                tok = load_tokenizer(path)
-                break
-        if tok is None:
-            raise ValueError(f"no tokenizer: the checkpoint carries none and none was found (tried "
-                             f"{[t for t in tried if t]}); pass --tokenizer (a sentencepiece .model or a vocab.txt)")
-    if vocab is not None and tok.vocab_size > vocab:
-        raise ValueError(f"the tokenizer has {tok.vocab_size} ids, the model's text embedding only {vocab}: not this "
-                         "checkpoint's tokenizer")
-    return tok
+def check_fields(obj):
+    """Check every declared field of a dataclass instance against its `valid` and `choices` (None passes):
+    ValueError, one line naming the flag, the value and what is valid."""
+    for f in dataclasses.fields(obj):
+        value, m = getattr(obj, f.name), f.metadata
+        if value is None or not m:
+            continue
+        if m["choices"] and value not in m["choices"]:
+            raise ValueError(f"argument {flag_name(f.name)}: {value!r} must be one of {', '.join(m['choices'])}")
+        if m["valid"] and not (isinstance(value, (int, float)) and m["valid"][0](value)):
+            raise ValueError(f"argument {flag_name(f.name)}: {value!r} {m['valid'][1]}")
+
+
+def add_flags(parser, cls, unset=False, note=None):
+    """One flag per declared field of dataclass `cls`, named after it (`text_mask_ratio` -> --text-mask-ratio,
+    plus its aliases). unset=True: every default is None (the value comes from elsewhere unless given, e.g.
+    a model preset); note(field) -> text appended to the help."""
+    for f in dataclasses.fields(cls):
+        m = f.metadata
+        if not m or not m["help"]:
+            continue
+        kind = m["type"] or type(f.default)
+        kw = dict(dest=f.name, default=None if unset else f.default, help=m["help"] + (note(f) if note else ""))
+        if kind is bool:  # a switch that is off by default is --name alone; one that may be on, --no-name too
+            kw["action"] = "store_true" if f.default is False else argparse.BooleanOptionalAction
+        else:
+            kw.update(type=kind, choices=m["choices"])
+        parser.add_argument(flag_name(f.name), *m["aliases"], **kw)
+
+
+def resume_merge(cls, recorded, current, given):
+    """--resume: each setting of dataclass `cls` comes from the run's record (`recorded`, a dict) unless it was
+    given on this command line (`given`: names; `current`: this command's values by name) or its rule is
+    "invocation" (this command's alone). Returns (the merged values by name, notes on the allowed changes,
+    the refused ones: a given "fixed" setting that differs from the record)."""
+    merged, notes, refused = {}, [], []
+    for f in dataclasses.fields(cls):
+        rule = f.metadata["resume"] if f.metadata else "fixed"
+        if rule == "invocation" or f.name not in recorded:
+            merged[f.name] = current[f.name]
+        elif f.name not in given or current[f.name] == recorded[f.name]:
+            merged[f.name] = recorded[f.name]
+        else:
+            change = f"{flag_name(f.name)} {recorded[f.name]!r} -> {current[f.name]!r}"
+            (refused if rule == "fixed" else notes).append(change)
+            merged[f.name] = current[f.name]
+    return merged, notes, refused

@@ -21,11 +21,9 @@
 #   eager_auto      --no-compile, attn auto (SDPA in the encoder, ours in the decoder: model.attention_impl)
 #   eager_sdpa      --no-compile --attn sdpa
 #   eager_triton    --no-compile --attn triton
-#   heads           bench/heads_bench.py: the heads + loss alone, forward + backward, eager, vocab 30522: every
-#                   token against the removed tokens only (M3AE.forward(predictions=False))
 #   compiled_sdpa   --compile --attn sdpa (2026-11-26: 90.2 ms)
-#   vocab_all       --compile, --vocab-size 30522 (BERT's, the paper's tokenizer): heads on every token
-#   vocab_removed   the same with --heads removed (the heads on the removed tokens only)
+#   vocab_bert      --compile, --vocab-size 30522 (BERT's, the paper's tokenizer; the heads run on the removed
+#                   tokens only, M3AE.forward_loss)
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_speed}
@@ -41,7 +39,6 @@ RUN=(train.py --preset base --batch-size 256 --steps 30 --warmup-steps 5 --log-e
 SHARDS=(--shards 16 --per-shard 768)  # 12288 samples, 48 whole batches a pass: no DataLoader restart in 30 steps
 EPOCH=7680   # 30 steps x 256
 COMPILE=--compile
-HEADS=()
 if [ "$DRY" = 1 ]; then
     export TRITON_INTERPRET=1   # our kernel on CPU tensors (slow, tiny shapes only)
     BENCH=(train.py --bench --preset tiny --batch-size 4 --bench-steps 2 --profile --device cpu)
@@ -50,7 +47,6 @@ if [ "$DRY" = 1 ]; then
     SHARDS=(--shards 2 --per-shard 4 --size 64x48 --procs 1)
     EPOCH=8
     COMPILE=--no-compile   # inductor on 2 CPU cores would take minutes; the flag itself is still parsed
-    HEADS=(--device cpu --preset tiny --batch 2 --repeats 2)
 fi
 # shards and the real run's out-dir (a base checkpoint is over 1 GB: not in $OUT); made once, shared with the
 # `bash $0 --fn NAME` children that run the multi-command steps under `timeout`
@@ -76,7 +72,7 @@ step() {  # step NAME LIMIT command...: run under a time limit if it fits in the
     local rc=$?
     echo "--- $name rc=$rc ($(date -u +%T))"
     tail -n 4 "$OUT/$name.log"
-    local lines='^torch |^NVIDIA|^name, |^bench:|^  step|^input pipeline|^profile:|^\{"step"|^heads|^  (every|removed)'
+    local lines='^torch |^NVIDIA|^name, |^bench:|^  step|^input pipeline|^profile:|^\{"step"'
     { echo "## $name (rc $rc): $*"; grep -E "$lines" "$OUT/$name.log"
       sed -n '/^| op class/,/^$/p' "$OUT/$name.log"; echo; } >>"$OUT/summary.md"
 }
@@ -119,10 +115,8 @@ run() {
         eager_auto) step eager_auto 70 "$PY" "${BENCH[@]}" --no-compile ;;
         eager_sdpa) step eager_sdpa 50 "$PY" "${BENCH[@]}" --no-compile --attn sdpa ;;
         eager_triton) step eager_triton 70 "$PY" "${BENCH[@]}" --no-compile --attn triton ;;
-        heads) step heads 40 "$PY" bench/heads_bench.py ${HEADS[@]+"${HEADS[@]}"} ;;
         compiled_sdpa) step compiled_sdpa 110 "$PY" "${BENCH[@]}" $COMPILE --attn sdpa ;;
-        vocab_all) step vocab_all 90 "$PY" "${BENCH[@]}" $COMPILE --vocab-size 30522 ;;
-        vocab_removed) step vocab_removed 90 "$PY" "${BENCH[@]}" $COMPILE --vocab-size 30522 --heads removed ;;
+        vocab_bert) step vocab_bert 90 "$PY" "${BENCH[@]}" $COMPILE --vocab-size 30522 ;;
         *) echo "unknown step $1"; exit 2 ;;
     esac
 }
@@ -130,7 +124,7 @@ run() {
 echo "# gpu_speed.sh $(date -u +%F\ %T) UTC, commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'), DRY=$DRY" \
     >"$OUT/summary.md"
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(info compiled real_data loader eager_auto eager_sdpa eager_triton heads compiled_sdpa
-                                 vocab_all vocab_removed)
+[ ${#steps[@]} -eq 0 ] && steps=(info compiled real_data loader eager_auto eager_sdpa eager_triton compiled_sdpa
+                                 vocab_bert)
 for s in "${steps[@]}"; do run "$s"; done
 echo "total $(($(date +%s) - START)) s" | tee -a "$OUT/summary.md"

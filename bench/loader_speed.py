@@ -14,6 +14,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # train.py, data.py, ...
 
+import loader  # noqa: E402
 import train  # noqa: E402
 from util import make_parser  # noqa: E402
 
@@ -24,18 +25,18 @@ def main(argv=None):
     p = make_parser(__doc__)
     p.add_argument("--batches", type=int, default=20, help="global batches timed after the first")
     ours = p.parse_args(argv[:split])
-    args = train.get_args(argv[split + 1 :])
-    env = train.setup(args.device, args.dtype, compile=False)
-    config = train.model_config(args, vocab_size=1)
-    _, dataset, _, _ = train.build_data(args, config.image_size, config.text_len)
-    loader = train.make_loader(dataset, args.batch_size, args.workers, env, args.seed)
-    batches, _ = train.epoch_batches(loader, 0, 0, args.batch_size, env, args.seed, args.epoch_samples, args.batch_size)
+    run, config, init, _ = train.settings(argv[split + 1 :])
+    env = loader.setup(run.device, run.dtype, compile=False)
+    sources = train.open_sources(run, config.image_size, init)
+    dataset, _ = train.build_datasets(run, sources, train.make_tokenizer(run, sources, init), config)
+    feed = loader.make_loader(dataset, run.batch_size, run.workers, env, run.seed)
+    batches, _ = loader.epoch_batches(feed, 0, 0, run.batch_size, env, run.seed, run.epoch_samples, run.batch_size)
     next(batches)  # workers start, shuffle buffers fill
     t0 = time.perf_counter()
     for _ in range(ours.batches):
         next(batches)
-    rate = ours.batches * args.batch_size / (time.perf_counter() - t0)
-    print(f"input pipeline alone: {rate:.0f} images/s ({args.workers} workers, batch {args.batch_size}, "
+    rate = ours.batches * run.batch_size / (time.perf_counter() - t0)
+    print(f"input pipeline alone: {rate:.0f} images/s ({run.workers} workers, batch {run.batch_size}, "
           f"{config.image_size} px, {ours.batches} batches after the first)")
     return rate
 

@@ -21,9 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("mode", ["paired", "image", "text"])
-@pytest.mark.parametrize("predictions", [True, False])
 @pytest.mark.parametrize("overrides", [{}, dict(image_size=48, text_len=20, text_mask_ratio=0.5, mlp_ratio=3.0)])
-def test_flops_per_sample_equal_the_flop_counter(mode, predictions, overrides):
+def test_flops_per_sample_equal_the_flop_counter(mode, overrides):
     """Exact: train_flops_per_sample counts every matrix product of one training step (forward and backward)
     that torch.utils.flop_counter sees. attn "math", because the counter sees attention only as matmuls or as
     CUDA's SDPA kernels; CPU's SDPA (_scaled_dot_product_flash_attention_for_cpu) is not in its table, so it
@@ -37,17 +36,9 @@ def test_flops_per_sample_equal_the_flop_counter(mode, predictions, overrides):
     if text is not None:
         text[1, 5:] = 0  # padding is computed all the same (dense count)
     with FlopCounterMode(display=False) as counter:
-        model(images, text, predictions=predictions)["loss"].backward()
-    expected = train.train_flops_per_sample(c, with_text=mode != "image", with_image=mode != "text",
-                                            predictions=predictions)
+        model(images, text)["loss"].backward()
+    expected = train.train_flops_per_sample(c, with_text=mode != "image", with_image=mode != "text")
     assert counter.get_total_flops() == B * expected
-
-
-def test_removed_heads_count_fewer_flops_on_base():
-    c = make_config("base", vocab_size=30522)
-    full, removed = train.train_flops_per_sample(c), train.train_flops_per_sample(c, predictions=False)
-    heads = 3 * 2 * c.dec_emb_dim * (c.num_patches * c.patch_dim + c.text_len * c.vocab_size)
-    assert full - removed == heads // 4  # the kept quarter of the tokens no longer goes through the heads
 
 
 # --- --profile -----------------------------------------------------------------------------------------
@@ -94,12 +85,6 @@ def test_bench_profile_on_cpu(capsys):
     assert any(name.endswith("[optimizer step]") for name in result["profile_us"])
 
 
-def test_bench_heads_removed_runs(capsys):
-    out = train.main(["--bench", "--bench-steps", "1", "--heads", "removed", "--batch-size", "2",
-                      "--device", "cpu", "--vocab-size", "64"])
-    assert out["step_ms"] > 0 and "heads removed" in capsys.readouterr().out
-
-
 # --- the GPU script, dry-run on CPU --------------------------------------------------------------------
 
 
@@ -114,6 +99,5 @@ def test_gpu_speed_script_dry_run(tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     for s in steps:
         assert f"## {s} (rc 0)" in summary, s
-    assert summary.count("| op class |") == sum(s not in ("info", "real_data", "loader", "heads") for s in steps)
-    assert "input pipeline alone:" in summary and '{"step": 2' in summary and "removed tokens only: median" in summary
-    assert "heads removed" in summary and "vocab 30522" in summary
+    assert summary.count("| op class |") == sum(s not in ("info", "real_data", "loader") for s in steps)
+    assert "input pipeline alone:" in summary and '"step": 2' in summary and "vocab 30522" in summary

@@ -289,6 +289,7 @@ def test_tiny_m3ae_forward_backward_triton_matches_math():
         model.zero_grad(set_to_none=True)
         out = model(images, text, pad, *noise)
         out["loss"].backward()
+        out.update(model.reconstruct(images, text, pad, *noise))
         results[impl] = (out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     (out_m, grads_m), (out_t, grads_t) = results["math"], results["triton"]
     for key in ("loss", "image_pred", "text_logits"):

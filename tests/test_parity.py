@@ -30,10 +30,11 @@ def run_fixture(impl):
     text_noise = torch.from_numpy(f["text_noise"]).expand(B, -1)
     with torch.no_grad():
         enc = model.forward_encoder(images, text, pad, image_noise, text_noise)
-        out = model(images, text, pad, image_noise, text_noise)
+        out = {**model(images, text, pad, image_noise, text_noise),
+               **model.reconstruct(images, text, pad, image_noise, text_noise)}
         cls_i, tok_i = model.encode(images)
         cls_p, tok_p = model.encode(images, text, pad)
-    ours = dict(encoder_output=enc["x"], image_output=out["image_pred"], text_output=out["text_logits"],
+    ours = dict(encoder_output=enc.x, image_output=out["image_pred"], text_output=out["text_logits"],
                 image_loss=out["image_loss"], text_loss=out["text_loss"], image_mask=out["image_mask"],
                 text_mask=out["text_mask"], representation_image_only=torch.cat([cls_i[:, None], tok_i], 1),
                 representation_paired=torch.cat([cls_p[:, None], tok_p], 1))

@@ -11,8 +11,11 @@ import time
 import pytest
 import torch
 
+import checkpoint
+import loader
 import train
-from model import M3AE, load_model, make_config
+from checkpoint import load_model
+from model import M3AE, make_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A run small enough for CI: tiny preset, 96 built-in pairs, global batch 16 (6 steps an epoch), no workers.
@@ -56,23 +59,15 @@ def test_linear_scaling_rule_and_flops():
 
 def test_epoch_indices_split_global_batches_across_ranks():
     n, per_rank, world = 50, 4, 2
-    single, steps1 = train.epoch_indices(n, per_rank * world, 0, 1, seed=3, epoch=1)
-    ranks = [train.epoch_indices(n, per_rank, r, world, seed=3, epoch=1) for r in range(world)]
+    single, steps1 = loader.epoch_indices(n, per_rank * world, 0, 1, seed=3, epoch=1)
+    ranks = [loader.epoch_indices(n, per_rank, r, world, seed=3, epoch=1) for r in range(world)]
     assert steps1 == ranks[0][1] == n // (per_rank * world)
     for b in range(steps1):
         union = sorted(k for r in range(world) for k in ranks[r][0][b * per_rank : (b + 1) * per_rank])
         assert union == sorted(single[b * per_rank * world : (b + 1) * per_rank * world])
     all_keys = [k for r in range(world) for k in ranks[r][0]]
     assert len(all_keys) == len(set(all_keys))  # no sample twice in an epoch
-    assert train.epoch_indices(n, 8, 0, 1, 3, 2)[0] != single  # another epoch, another order
-
-
-def test_masking_noise_is_one_global_draw_sliced():
-    full = train.global_masking_noise(5, 7, 8, slice(0, 8), 16, 4)
-    halves = [train.global_masking_noise(5, 7, 8, slice(r * 4, r * 4 + 4), 16, 4) for r in range(2)]
-    for part in range(2):  # two ranks with 4 rows each see exactly the rows one process with 8 sees
-        assert torch.equal(torch.cat([h[part] for h in halves]), full[part])
-    assert not torch.equal(train.global_masking_noise(5, 8, 8, slice(0, 8), 16, 4)[0], full[0])  # next step, new masks
+    assert loader.epoch_indices(n, 8, 0, 1, 3, 2)[0] != single  # another epoch, another order
 
 
 # --- end to end ---------------------------------------------------------------------------------------------
@@ -106,9 +101,10 @@ def test_smoke_run_writes_everything_and_probes(tmp_path):
 def test_no_text_trains_the_mae_baseline_and_never_touches_text(tmp_path):
     run(tmp_path, "--steps", "2", "--text-weight", "0")
     ckpt = params(tmp_path)
-    assert ckpt["args"]["no_text"]
+    assert ckpt["args"]["no_text"] and "tokenizer" not in ckpt  # no caption read, no tokenizer trained
+    assert not (tmp_path / "tokenizer.model").exists()
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert all(r["text_loss"] == 0.0 for r in records)
+    assert all("text_loss" not in r and r["loss"] == r["image_loss"] for r in records)
     config = load_model(tmp_path / "ckpt.pt")[0].config
     torch.manual_seed(0)  # train.py builds the model right after seeding with --seed (0)
     fresh = M3AE(config).state_dict()  # so this is its initial state; the text path must still be there
@@ -141,11 +137,12 @@ def test_csv_data_with_bad_rows_trains_and_counts_skips(tmp_path, capsys):
     assert len(records) == 4 and all(math.isfinite(r["loss"]) for r in records)
     out = capsys.readouterr()
     assert "missing 6" in out.out + out.err and "corrupt 2" in out.out + out.err
-    # only bad rows: every step is blank (weight 0), the run still finishes with finite numbers
+    # only bad rows: refused before anything is written (it trained on nothing, loss 0.0, and saved before)
     (tmp_path / "bad.csv").write_text("filepath,caption\n" + "missing.jpg,a lost photo\n" * 8)
-    run(tmp_path / "bad", "--data", "csv", "--csv", str(tmp_path / "bad.csv"), "--batch-size", "4", "--steps", "2")
-    records = [json.loads(line) for line in (tmp_path / "bad" / "log.jsonl").read_text().splitlines()]
-    assert [r["loss"] for r in records] == [0.0, 0.0]
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / "bad", "--data", "csv", "--csv", str(tmp_path / "bad.csv"), "--batch-size", "4", "--steps", "2")
+    assert e.value.code == 2 and "--csv: none of its first 8 images can be read (missing: 8)" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_webdataset_shards_train_and_resume(tmp_path):
@@ -224,7 +221,7 @@ def test_nan_gradient_with_a_finite_loss_is_never_saved(tmp_path, monkeypatch):
     with pytest.raises(FloatingPointError, match=r"at step 3; stopped without saving.*\(step 2\)"):
         run(tmp_path, "--steps", "6", "--save-every", "1", "--log-every", "5")
     ckpt = params(tmp_path)
-    assert ckpt["step"] == 2 and not train.rundir.nonfinite({"m": ckpt["model"], "o": ckpt["optimizer"]})
+    assert ckpt["step"] == 2 and not checkpoint.nonfinite({"m": ckpt["model"], "o": ckpt["optimizer"]})
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["loss"]) for r in records)
 
@@ -234,7 +231,7 @@ def test_save_refuses_non_finite_state(tmp_path):
     state = model.state_dict()
     state["cls_token"] = torch.full_like(state["cls_token"], float("inf"))
     with pytest.raises(FloatingPointError, match="cls_token"):
-        train.rundir.save_checkpoint({"model": state, "step": 1}, str(tmp_path))
+        checkpoint.save_checkpoint({"model": state, "step": 1}, str(tmp_path))
     assert os.listdir(tmp_path) == []
 
 
@@ -248,14 +245,21 @@ def test_save_refuses_non_finite_state(tmp_path):
     (["--batch-size", "10", "--grad-accum", "3"], "--batch-size: 10 must divide by ranks x --grad-accum = 1 x 3"),
     (["--paired-share", "1.2"], "--paired-share: 1.2 must be in [0, 1]"),
     (["--base-lr", "0"], "--base-lr: 0.0 must be > 0"),
+    (["--lr", "inf"], "--lr: inf must be > 0 and finite"),
+    (["--seed", str(2**70)], "--seed: 1180591620717411303424 must be in [0, 9223372036854775807]"),
+    (["--text-len", "100000"], "--text-len: 100000 must be in [1, 1024]"),
+    (["--batch-size", "1000000000"], "--batch-size: 1000000000 (1000000000 images of 32 px per micro-batch) needs"),
+    (["--resume", "--overwrite"], "--overwrite: not with --resume"),
+    (["--wds-shards", "x/{0..999999999}.tar", "--epoch-samples", "64"], "--wds-shards: 'x/{0..999999999}.tar'"),
     (["--lr", "1e-3", "--base-lr", "1e-3"], "give --lr (absolute) or --base-lr"),
-    (["--image-weight", "0", "--no-text"], "--image-weight: 0 with no text loss leaves nothing to train"),
-    (["--image-size", "30"], "--image-size: 30 is not a multiple of the patch size 8"),
+    (["--image-weight", "0", "--no-text"], "--image-loss-weight: 0 with no text loss leaves nothing to train"),
+    (["--image-size", "30"], "--image-size: 30 is not a multiple of --patch-size 8"),
+    (["--image-size", "28"], "(patch sizes that divide it: [2, 4, 7, 14])"),
     (["--data", "wds"], "--data: 'wds' needs --wds-shards PATTERN"),
     (["--data", "builtin", "--csv", "x.csv"], "--data: 'builtin' needs neither --csv nor --wds-shards"),
     (["--csv", "nope.csv"], "--csv: 'nope.csv' is not a file"),
     (["--wds-shards", "nope-{0..3}.tar", "--epoch-samples", "8"], "--wds-shards: 'nope-{0..3}.tar'"),
-    (["--wds-shards", "x.tar"], "--epoch-samples: --wds-shards needs it"),
+    (["--wds-shards", "x.tar"], "--epoch-samples: needed with --wds-shards"),
     (["--csv-img-key", "img"], "--csv-img-key: only with --csv"),
     (["--image-dir", "no/such/folder"], "--image-dir: 'no/such/folder' is not a folder"),
     (["--text-file", "no_such.txt"], "--text-file: 'no_such.txt' is not a file"),
@@ -290,7 +294,7 @@ def test_an_out_dir_belongs_to_one_run(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run(tmp_path, "--steps", "4", "--resume", "--image-size", "64", "--seed", "3")
     err = capsys.readouterr().err
-    assert "--image-size None -> 64" in err and "--seed 0 -> 3" in err
+    assert "--image-size 32 -> 64" in err and "--seed 0 -> 3" in err
     run(tmp_path, "--steps", "3", "--resume")
     assert params(tmp_path)["step"] == 3
     # --overwrite starts afresh: a new tokenizer for the new vocabulary
@@ -326,8 +330,9 @@ def test_resume_keeps_the_data_source_and_refuses_changed_data(tmp_path, capsys)
     assert ckpt["step"] == 4 and ckpt["args"]["csv"] == str(tmp_path / "pairs.tsv") and ckpt["args"]["data"] == "csv"
     assert ckpt["data"]["mean"] == list(train.data.CC12M_MEAN)
     (tmp_path / "pairs.tsv").write_text("\n".join(rows[:5]) + "\n")  # the file changes under the run
-    with pytest.raises(Exception, match="data or tokenizer changed since it started: .*pairs.tsv"):
+    with pytest.raises(SystemExit):
         train.main(["--out-dir", str(tmp_path / "run"), "--resume", "--steps", "6", "--workers", "0"])
+    assert "data or tokenizer changed since it started: csv" in capsys.readouterr().err
 
 
 def test_failed_save_cleans_up_and_says_disk_full(tmp_path, monkeypatch):
@@ -340,24 +345,26 @@ def test_failed_save_cleans_up_and_says_disk_full(tmp_path, monkeypatch):
         raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 4416 vs 4302")
 
     monkeypatch.setattr(torch, "save", full_disk)
-    monkeypatch.setattr(train.rundir.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
-    with pytest.raises(train.rundir.RunDirError, match=r"no space left on the device of .*while writing a checkpoint"):
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
+    with pytest.raises(checkpoint.DiskFull, match=r"no space left on the device of .*while writing ckpt.pt"):
         run(tmp_path, "--steps", "4", "--save-every", "1", "--resume")
     monkeypatch.setattr(torch, "save", real_save)
-    assert not [n for n in os.listdir(tmp_path) if ".tmp." in n]  # the temp file is gone
+    assert not [n for n in os.listdir(tmp_path) if "tmp" in n]  # the temp file is gone
     assert params(tmp_path)["step"] == before  # ckpt.pt as it was
 
 
 def test_stale_temp_files_and_a_corrupt_checkpoint(tmp_path, capsys):
     run(tmp_path, "--steps", "4", "--save-every", "2")
     assert params(tmp_path)["step"] == 4 and torch.load(tmp_path / "ckpt_prev.pt", weights_only=True)["step"] == 2
-    (tmp_path / "ckpt.pt.tmp.999").write_bytes(b"x" * 1000)  # a killed run's torn write
+    (tmp_path / "ckpt.pt.m3ae-tmp.999").write_bytes(b"x" * 1000)  # a killed run's torn write
+    (tmp_path / "thesis.tmp.docx").write_bytes(b"the user's draft")  # not ours: never touched
     with open(tmp_path / "ckpt.pt", "r+b") as f:  # truncate the newest checkpoint
         f.truncate(os.path.getsize(tmp_path / "ckpt.pt") // 3)
     run(tmp_path, "--steps", "6", "--save-every", "2", "--resume")
     out = capsys.readouterr().out
     assert "ckpt.pt cannot be read" in out and "resumed from ckpt_prev.pt at step 2" in out
-    assert not (tmp_path / "ckpt.pt.tmp.999").exists() and params(tmp_path)["step"] == 6
+    assert not (tmp_path / "ckpt.pt.m3ae-tmp.999").exists() and params(tmp_path)["step"] == 6
+    assert (tmp_path / "thesis.tmp.docx").read_bytes() == b"the user's draft"
     steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]  # the replayed steps 3-4 are logged once
 
@@ -413,7 +420,7 @@ torch.save = slow_save
     _wait_for(marker, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert any(name.startswith("ckpt.pt.tmp") for name in os.listdir(slow))  # the torn write is there...
+    assert any(name.startswith("ckpt.pt.m3ae-tmp") for name in os.listdir(slow))  # the torn write is there...
     assert params(slow)["step"] == 2  # ...and ckpt.pt is still the complete first checkpoint
     run(slow, "--steps", "4", "--resume", "--save-every", "2")
     assert params(slow)["step"] == 4

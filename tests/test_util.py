@@ -1,7 +1,10 @@
-"""util.py: the lr schedule, seed mixing, masking noise, the help formatter and the checkpoint conventions."""
+"""util.py: the lr schedule, seed mixing, masking noise, the help formatter and knob, a setting's one declaration."""
 
+import argparse
+import dataclasses
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -35,17 +38,62 @@ def test_masking_noise_is_one_generator_stream():
     assert torch.equal(image, torch.rand(4, 16, generator=g)) and torch.equal(text, torch.rand(4, 8, generator=g))
 
 
-def test_checkpoint_norm_prefers_the_data_entry_then_args():
-    assert util.checkpoint_norm({"data": {"mean": [0.1, 0.2, 0.3], "std": [1, 2, 3]}}) == ((0.1, 0.2, 0.3), (1, 2, 3))
-    assert util.checkpoint_norm({"args": {"data": "builtin"}}) == util.NORMS["builtin"]
-    assert util.checkpoint_norm({"args": {"data": "csv"}}) == util.NORMS["cc12m"]
-    assert util.checkpoint_norm({}) == util.NORMS["builtin"]
-    assert util.checkpoint_norm({}, real_data_default=True) == util.NORMS["cc12m"]
+def test_util_is_a_leaf():
+    """util.py imports nothing of this project (model.py and every script import it)."""
+    src = open(os.path.join(ROOT, "util.py")).read()
+    mine = {f[:-3] for f in os.listdir(ROOT) if f.endswith(".py")}
+    imported = set(re.findall(r"^(?:from|import) (\w+)", src, re.M))
+    assert imported and not imported & mine, imported & mine
+
+
+@dataclasses.dataclass
+class Knobs:
+    size: int = util.knob(3, "a size", util.at_least(1, 10))
+    ratio: float = util.knob(0.5, "a fraction", util.fraction(), aliases=("--old-ratio",), resume="free")
+    kind: str = util.knob("a", "a choice", choices=("a", "b"), resume="invocation")
+    flag: bool = util.knob(False, "a switch")
+    hidden: int = util.knob(7)  # no help: no flag
+
+    def __post_init__(self):
+        util.check_fields(self)
+
+
+def test_a_knob_is_its_flag_its_check_and_its_resume_rule():
+    p = argparse.ArgumentParser()
+    util.add_flags(p, Knobs)
+    args = p.parse_args(["--size", "4", "--old-ratio", "0.25", "--kind", "b", "--flag"])
+    assert vars(args) == dict(size=4, ratio=0.25, kind="b", flag=True)  # names follow the fields, aliases work
+    with pytest.raises(SystemExit):
+        p.parse_args(["--hidden", "1"])
+    for bad, match in ((dict(size=11), r"--size: 11 must be in \[1, 10\]"),
+                       (dict(ratio=1.0), r"--ratio: 1.0 must be in \[0, 1\)"),
+                       (dict(ratio=float("nan")), "--ratio: nan"), (dict(kind="c"), "--kind: 'c' must be one of a, b")):
+        with pytest.raises(ValueError, match=match):
+            Knobs(**bad)
+    recorded = dataclasses.asdict(Knobs())
+    merged, notes, refused = util.resume_merge(Knobs, recorded, dataclasses.asdict(Knobs(ratio=0.1, kind="b")),
+                                               {"ratio"})
+    assert merged == dict(recorded, ratio=0.1, kind="b") and notes == ["--ratio 0.5 -> 0.1"] and not refused
+    assert util.resume_merge(Knobs, recorded, dataclasses.asdict(Knobs(size=4)), {"size"})[2] == ["--size 3 -> 4"]
+    # not given: the record wins (a "fixed" value differing only by default is no change)
+    assert util.resume_merge(Knobs, recorded, dataclasses.asdict(Knobs(size=4)), set())[0]["size"] == 3
+
+
+def test_train_flags_are_the_fields():
+    """No hand-kept list of flag names: every declared field of train.Run and model.M3AEConfig is a flag of
+    train.py with the field's name, and every flag is a field."""
+    import model
+    import train
+
+    dests = {a.dest for a in train.build_parser()._actions if a.dest != "help"}
+    declared = {f.name for cls in (train.Run, model.M3AEConfig) for f in dataclasses.fields(cls)
+                if f.metadata["help"]}
+    assert dests == declared
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["train.py", "probe.py", "ood.py", "viz.py", "convert.py", "sweep.py", "builtin.py", "bench/boundary.py",
-           "bench/fake_shards.py", "bench/heads_bench.py", "bench/loader_speed.py", "kernels/bench.py",
+           "bench/fake_shards.py", "bench/loader_speed.py", "kernels/bench.py",
            "kernels/compile_check.py"]
 
 
