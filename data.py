@@ -340,13 +340,14 @@ class CsvPairs(torch.utils.data.Dataset):
     filepath/image/image_path/path/file/filename and caption/text/title present. Relative paths are relative
     to the CSV's folder. Fields of any length are read (captions are cut later, by caption_text). Captions
     with invalid UTF-8 are kept as bytes, so PairedDataset can count them. A missing or empty file, a header
-    with no rows, or a column it cannot find: ValueError naming the file (and the header it saw)."""
+    with no rows, or a column it cannot find: ValueError naming the file (and the header it saw).
+    need_caption=False (the MAE baseline): a file without a caption column is read as images alone."""
 
     IMAGE_COLUMNS = ("filepath", "image", "image_path", "path", "file", "filename")
     CAPTION_COLUMNS = ("caption", "text", "title")
     FIELD_LIMIT = 2**31 - 1  # the csv module's own limit is 131072 characters; C long is 32-bit on Windows
 
-    def __init__(self, path, image_column=None, caption_column=None, delimiter=None):
+    def __init__(self, path, image_column=None, caption_column=None, delimiter=None, need_caption=True):
         self.root = os.path.dirname(os.path.abspath(path))
         ext = os.path.splitext(path)[1].lower()
         limit = csv.field_size_limit(self.FIELD_LIMIT)  # process-wide: set for this read only
@@ -385,16 +386,24 @@ class CsvPairs(torch.utils.data.Dataset):
             raise ValueError(f"{path}: no {what} column {looked}; the header is {delimiter.join(header)!r}")
 
         i = column(image_column, self.IMAGE_COLUMNS, "image")
-        j = column(caption_column, self.CAPTION_COLUMNS, "caption")
+        try:
+            j = column(caption_column, self.CAPTION_COLUMNS, "caption")
+        except ValueError:
+            if need_caption:
+                raise
+            j = None  # images alone
         if not rows:
             raise ValueError(f"{path}: a header and no rows")
-        self.rows = [(r[i] if len(r) > i else "", r[j] if len(r) > j else "") for r in rows]
+        self.rows = [(r[i] if len(r) > i else "", None if j is None else r[j] if len(r) > j else "")
+                     for r in rows]
 
     def __len__(self):
         return len(self.rows)
 
     @staticmethod
     def _caption(text):
+        if text is None:
+            return None
         try:
             text.encode("utf-8")
             return text
@@ -408,7 +417,8 @@ class CsvPairs(torch.utils.data.Dataset):
 
     def captions(self):
         for _, caption in self.rows:
-            yield self._caption(caption)
+            if caption is not None:
+                yield self._caption(caption)
 
 
 def _require_folder(root):

@@ -20,12 +20,10 @@ every input was checked; --resume continues it, --overwrite replaces it.
 
 import argparse
 import copy
-import itertools
 import json
 import os
 import random
 import sys
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
@@ -45,8 +43,9 @@ import data
 import probe
 import rundir
 from model import M3AE, PRESETS, M3AEConfig, make_config, num_kept
-from tokenizer import MAX_TOKENIZER_CAPTIONS, Tokenizer, load_tokenizer
-from loader import DataError, epoch_batches, make_loader, setup
+from tokenizer import MAX_TOKENIZER_CAPTIONS, load_tokenizer
+from loader import (DataError, InputError, build_datasets, epoch_batches, make_loader, make_tokenizer,
+                    open_sources, setup)
 from util import (add_flags, at_least, check_fields, flag_name, fraction, knob, lr_at,
                   make_parser, masking_noise, mix_seed, resume_merge)
 
@@ -300,134 +299,6 @@ def check_run(p, run, config):
 
 
 # -----------------------------------------------------------------------------
-# inputs: every one read and checked before anything is written into OUT_DIR
-
-
-def fail(flag, message):
-    """A bad input found after the flags were parsed: one line naming it, exit 2 (argparse's convention)."""
-    build_parser().error(f"argument --{flag}: {message}")
-
-
-class Sources(NamedTuple):
-    pairs: object  # the main source: builtin.Builtin, data.CsvPairs or data.WebDatasetShards
-    extras: list  # data.TextLines / data.ImageOnlyFolder
-    norm: tuple  # (mean, std)
-
-
-def open_sources(run, image_size, init=None):
-    """The run's data sources, opened and checked (a source that cannot be read ends the run with one line
-    naming its flag): a map-style source must hold a readable image among its first ones and a full batch."""
-    keys = dict(image_keys=run.wds_image_key.split(";"), caption_keys=run.wds_caption_key.split(";"))
-    flag = "csv" if run.data == "csv" else "wds-shards"
-    try:
-        if run.data == "builtin":
-            pairs = builtin.Builtin("pretrain", run.train_size, image_size, seed=run.data_seed, level=run.data_level)
-            norm = (builtin.BUILTIN_MEAN, builtin.BUILTIN_STD)
-        elif run.data == "csv":
-            pairs = data.CsvPairs(run.csv, run.csv_img_key, run.csv_caption_key, run.csv_separator)
-            norm = (data.CC12M_MEAN, data.CC12M_STD)
-        else:
-            pairs = data.WebDatasetShards(run.wds_shards, **keys)
-            norm = (data.CC12M_MEAN, data.CC12M_STD)
-        flag = "text-file"
-        extras = [data.TextLines(run.text_file)] if run.text_file else []
-        flag = "image-dir"
-        extras += [data.ImageOnlyFolder(run.image_dir)] if run.image_dir else []
-    except ValueError as e:
-        fail(flag, str(e))
-    for flag, source in (("csv", pairs), ("image-dir", extras[-1] if run.image_dir else None)):
-        if source is not None and isinstance(source, (data.CsvPairs, data.ImageOnlyFolder)):
-            check_readable(flag, source, image_size)
-    if run.data != "wds" and len(pairs) + sum(map(len, extras)) < run.batch_size:
-        fail("batch-size", f"{run.batch_size} is more than the {len(pairs) + sum(map(len, extras))} samples of "
-             "the data: no full batch")
-    if init is not None and "data" in init:  # --init-from: the normalisation the weights were trained with
-        norm = (tuple(init["data"]["mean"]), tuple(init["data"]["std"]))
-    return Sources(pairs, extras, norm)
-
-
-def check_readable(flag, source, image_size, first=32):
-    """Refuse a source none of whose first `first` images can be read (e.g. every path of a CSV is wrong)."""
-    reasons = {}
-    for i in range(min(first, len(source))):
-        try:
-            data.load_image(source[i]["image"], image_size)
-            return
-        except data.SkipSample as e:
-            reasons[e.reason] = reasons.get(e.reason, 0) + 1
-    fail(flag, f"none of its first {min(first, len(source))} images can be read ("
-         + ", ".join(f"{k}: {v}" for k, v in reasons.items()) + "); paths in a CSV are relative to its folder")
-
-
-def make_tokenizer(run, sources, init):
-    """The run's tokenizer, and the bytes to keep in OUT_DIR: the run's own (at --resume), --tokenizer,
-    --init-from's, else sentencepiece trained on the run's first captions, in a temporary folder (OUT_DIR is
-    not written yet). The MAE baseline has none."""
-    if run.no_text:
-        return None
-    try:
-        if run.run_tokenizer and run.resume:
-            tok = load_tokenizer(run.run_tokenizer)
-        elif run.tokenizer:
-            tok = load_tokenizer(run.tokenizer)
-        elif init is not None:
-            tok = checkpoint.checkpoint_tokenizer(init, run.init_from)
-        else:
-            corpus = itertools.chain(sources.pairs.captions(), *(e.captions() for e in sources.extras))
-            total = None if run.data == "wds" else min(run.tokenizer_captions,
-                                                       len(sources.pairs) + sum(map(len, sources.extras)))
-            corpus = tqdm(itertools.islice(corpus, run.tokenizer_captions), total=total, desc="tokenizer corpus",
-                          unit=" captions", leave=False, mininterval=1.0)
-            with tempfile.TemporaryDirectory() as tmp:
-                tok = Tokenizer.train(corpus, os.path.join(tmp, rundir.TOKENIZER), run.vocab_size)
-    except (ValueError, RuntimeError, OSError) as e:
-        flag = "tokenizer" if run.tokenizer else ("init-from" if init is not None else run.data.replace("wds", "wds-"
-                                                                                                        "shards"))
-        fail(flag, f"no tokenizer: {str(e).splitlines()[0] if str(e) else type(e).__name__} (--no-text trains the "
-             "MAE baseline, which needs none)")
-    return tok
-
-
-def build_datasets(run, sources, tokenizer, config):
-    """(pretraining dataset, (probe train, probe test) or None). Map-style (built-in, CSV, plus text-file /
-    image-dir extras: exact resume) or a stream (webdataset shards)."""
-    mean, std = sources.norm
-    if run.data == "builtin":
-        # Built-in captions name positions ("top left"): a flip or a crop would make them wrong, and procedural
-        # data never runs short of distinct images. So: normalise only.
-        transform = data.EvalTransform(config.image_size, mean, std, crop_pct=1.0)
-    else:
-        transform = data.PretrainTransform(config.image_size, mean, std)  # RandomResizedCrop(0.2-1) + flip
-    tok, T = tokenizer or NoText(), config.text_len
-    if run.data == "wds":
-        keys = dict(image_keys=run.wds_image_key.split(";"), caption_keys=run.wds_caption_key.split(";"))
-        dataset = data.WebDatasetShards(run.wds_shards, tokenizer=tok, text_len=T, transform=transform,
-                                        paired_share=run.paired_share, seed=run.data_seed, **keys)
-    else:
-        # the paper's paired-share knob (section 4.1): a fraction of pairs stays paired, the rest is split
-        roles = data.paired_share_roles(len(sources.pairs), run.paired_share, run.data_seed)
-        if run.no_text:  # the MAE baseline reads no caption
-            roles = torch.full_like(roles, data.IMAGE_ONLY)
-        parts = [data.PairedDataset(sources.pairs, tok, T, transform, roles=roles)]
-        parts += [data.PairedDataset(extra, tok, T, transform) for extra in sources.extras]
-        dataset = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
-    probe_sets = None
-    if run.data == "builtin":
-        evaluate = data.EvalTransform(config.image_size, mean, std, crop_pct=1.0)
-        probe_sets = tuple(data.LabelledDataset(builtin.Builtin(split, size, config.image_size, seed=run.data_seed,
-                                                                level=run.data_level), evaluate)
-                           for split, size in (("train", run.probe_train_size), ("test", run.probe_test_size)))
-    return dataset, probe_sets
-
-
-class NoText:
-    """The MAE baseline's stand-in tokenizer: every caption is empty (image-only samples; text never read)."""
-
-    def encode(self, text, text_len):
-        return torch.zeros(text_len, dtype=torch.int64), torch.ones(text_len, dtype=torch.bool)
-
-
-# -----------------------------------------------------------------------------
 # optimisation pieces
 
 
@@ -585,8 +456,11 @@ def main(argv=None):
         return bench(run, config, env)
 
     # --- every input read and checked before anything is written into OUT_DIR ---
-    sources = open_sources(run, config.image_size, init)
-    tokenizer = make_tokenizer(run, sources, init) if env.master else None
+    try:
+        sources = open_sources(run, config.image_size, init)
+        tokenizer = make_tokenizer(run, sources, init) if env.master else None
+    except InputError as e:
+        build_parser().error(str(e))
     if tokenizer is not None and not (init or run.resume):
         config = replace(config, vocab_size=tokenizer.vocab_size)
     elif run.no_text and not (init or run.resume):
@@ -694,7 +568,7 @@ def resume(t, run, env, fingerprint, notes):
         print(f"--resume: no checkpoint in {run.out_dir} yet, starting at step 0")
         return True
     if ckpt["step"] > run.steps:
-        fail("steps", f"{run.steps} is below the run's step {ckpt['step']}: a run cannot train backwards (more "
+        build_parser().error(f"argument --steps: {run.steps} is below the run's step {ckpt['step']}: a run cannot train backwards (more "
              "steps, or none: the run is as it was)")
     t.model.load_state_dict(ckpt["model"])
     t.optimizer.load_state_dict(ckpt["optimizer"])
