@@ -281,3 +281,44 @@ def test_ood_folders_fail_loudly(tmp_path, capsys):
         image_folders(tmp_path / name, ["x"], n=4)
         ood.main(base + ["--ood-dir", str(tmp_path / name)])
     assert sorted(p.name for p in tmp_path.glob("ood*.json")) == ["ood_in_vs_far.json", "ood_in_vs_other.json"]
+
+
+# --- issue #24: no traceback for a bad input; touch only what the run wrote ---------------------------------
+
+
+def test_a_bad_ckpt_is_one_line_and_exit_2_never_unpickled(tmp_path, capsys):
+    from test_probe import bad_checkpoints
+
+    paths, marker = bad_checkpoints(tmp_path)
+    for what, path in paths.items():
+        with pytest.raises(SystemExit) as e:
+            ood.main(["--ckpt", str(path), "--train-size", "40", "--test-size", "20", "--ood-size", "20"])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1, (what, err)
+        assert str(path) in err and "Traceback" not in err, (what, err)
+    assert not marker.exists() and not list(tmp_path.rglob("ood*.json"))
+
+
+def test_one_class_in_distribution_is_refused(tmp_path, capsys):
+    torch.manual_seed(0)
+    path = tmp_path / "ckpt.pt"
+    torch.save(checkpoint_dict(M3AE(make_config("tiny", vocab_size=50))), path)
+    one = image_folders(tmp_path / "in" / "train", ["a"], n=12)  # (the old code reported AUROC 50)
+    far = image_folders(tmp_path / "far", ["x"], n=4)
+    with pytest.raises(SystemExit) as e:
+        ood.main(["--ckpt", str(path), "--train-dir", str(one), "--test-dir", str(one), "--ood-dir", str(far)])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and f"--train-dir {one}" in line and "at least 2 classes" in line, line
+    assert not list(tmp_path.glob("ood*.json"))
+
+
+def test_the_result_is_recorded_next_to_the_checkpoint(tmp_path):
+    import rundir
+
+    torch.manual_seed(0)
+    (tmp_path / "run").mkdir()
+    path = tmp_path / "run" / "ckpt.pt"
+    torch.save(checkpoint_dict(M3AE(make_config("tiny", vocab_size=50))), path)
+    ood.main(["--ckpt", str(path), "--train-size", "40", "--test-size", "20", "--ood-size", "20", "--epochs", "1"])
+    listed = rundir.run_files(str(path.parent))
+    assert "ood_builtin.json" in listed and sum(n.startswith("features/") for n in listed) == 3, listed

@@ -9,6 +9,7 @@ import torch
 
 import builtin
 import data
+import evalcommon
 import probe
 from checkpoint import checkpoint_dict
 from model import M3AE, make_config
@@ -392,10 +393,10 @@ def test_small_imbalanced_folder_the_grid_beats_the_majority_share_the_paper_rec
 
 def test_stratified_pick_and_split_keep_class_shares():
     y = torch.tensor([0] * 50 + [1] * 30 + [2] * 15 + [3] * 4 + [4] * 1)
-    picked = probe.stratified_pick(y, 20, seed=0)
+    picked = evalcommon.stratified_pick(y, 20, seed=0)
     assert len(picked) == 20 and y[picked].bincount(minlength=5).tolist() == [10, 6, 3, 1, 0]
-    assert torch.equal(picked, probe.stratified_pick(y, 20, seed=0))  # seeded
-    assert not torch.equal(picked, probe.stratified_pick(y, 20, seed=1))
+    assert torch.equal(picked, evalcommon.stratified_pick(y, 20, seed=0))  # seeded
+    assert not torch.equal(picked, evalcommon.stratified_pick(y, 20, seed=1))
     fit, val = probe.stratified_split(y, 0.1, seed=0)
     assert len(val) == 10 and sorted(fit.tolist() + val.tolist()) == list(range(100))
     assert y[val].bincount(minlength=5).tolist() == [5, 3, 2, 0, 0]  # 0.1 x counts, largest remainder first
@@ -500,7 +501,7 @@ def test_result_files_are_named_by_dataset_and_the_head_can_be_saved(tmp_path, c
     head = probe.make_head(r["feature_dim"], 2)
     head.load_state_dict(saved["head"])
     assert saved["classes"] == ["c0", "c1"] and saved["recipe"]["base_lr"] == r["base_lr"]
-    assert probe.folder_name("/data/imagenet/train") == "imagenet" and probe.folder_name("/x/my set/") == "my_set"
+    assert evalcommon.folder_name("/data/imagenet/train") == "imagenet" and evalcommon.folder_name("/x/my set/") == "my_set"
 
 
 def test_help_strings_read_right_with_the_default_appended():
@@ -524,3 +525,128 @@ def test_help_strings_read_right_with_the_default_appended():
             if action.default is None:  # "(default: None)" follows: the text says what not giving it means
                 assert "if not given" in text, where
         assert "(default: None)" not in parser.format_help()  # util.HelpFormatter shows value defaults only
+
+
+# --- issue #24: no traceback for a bad input; touch only what the run wrote ---------------------------------
+
+
+class Evil:
+    """A pickle whose loading would run a shell command (what torch.load(weights_only=False) would do)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def bad_checkpoints(tmp_path):
+    """{what: path} of files a user may give as --ckpt that are not checkpoints, and the marker file the
+    malicious one would create if it were ever unpickled."""
+    root = tmp_path / "bad_ckpts"
+    root.mkdir()
+    marker = root / "PWNED"
+    paths = {k: root / f"{k}.pt" for k in ("pickle", "empty", "garbage", "no_model", "wrong_shapes")}
+    torch.save({"model": Evil(marker), "config": {}}, paths["pickle"])
+    paths["empty"].write_bytes(b"")
+    paths["garbage"].write_bytes(b"\x00\x01not a checkpoint at all" * 40)
+    torch.save({"weights": [1, 2, 3]}, paths["no_model"])
+    small, big = (M3AE(make_config("tiny", vocab_size=50, depth=d)) for d in (1, 2))
+    torch.save(dict(checkpoint_dict(small), config=checkpoint_dict(big)["config"]), paths["wrong_shapes"])
+    return paths, marker
+
+
+def test_a_bad_ckpt_is_one_line_and_exit_2_never_unpickled(tmp_path, capsys):
+    paths, marker = bad_checkpoints(tmp_path)
+    for what, path in paths.items():
+        with pytest.raises(SystemExit) as e:
+            probe.main(["--ckpt", str(path), *SMALL, "--out", str(tmp_path / "r.json")])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1, (what, err)
+        assert str(path) in err and "Traceback" not in err and "weights_only=False" not in err, (what, err)
+    assert not marker.exists()  # the pickle's os.system never ran
+    assert "refused" in probe_error(capsys, paths["pickle"], tmp_path)
+    assert not (tmp_path / "r.json").exists()
+
+
+def probe_error(capsys, ckpt, tmp_path):
+    with pytest.raises(SystemExit):
+        probe.main(["--ckpt", str(ckpt), *SMALL, "--out", str(tmp_path / "r.json")])
+    return capsys.readouterr().err
+
+
+def test_an_unreadable_feature_cache_is_recomputed_and_overwritten(ckpt, capsys):
+    r = probe.main(["--ckpt", str(ckpt), *SMALL])
+    cache = sorted((ckpt.parent / "features").glob("*.pt"))
+    assert len(cache) == 2
+    whole = cache[0].read_bytes()
+    cache[0].write_bytes(whole[: len(whole) // 3])  # a run killed while copying, a full disk: truncated
+    capsys.readouterr()
+    again = probe.main(["--ckpt", str(ckpt), *SMALL])
+    out = capsys.readouterr().out
+    assert again["top1"] == r["top1"] and again["knn_top1"] == r["knn_top1"]
+    notes = [line for line in out.splitlines() if f"{cache[0]} is unreadable" in line]
+    assert len(notes) == 1, out
+    assert cache[0].read_bytes() == whole  # recomputed and overwritten: the next run reads it
+    probe.main(["--ckpt", str(ckpt), *SMALL])
+    assert "is unreadable" not in capsys.readouterr().out
+
+
+def test_a_full_disk_while_caching_features_leaves_no_temp_file_and_says_so(ckpt, capsys, monkeypatch):
+    import errno
+
+    real = torch.save
+
+    def full(obj, f, *a, **k):
+        if "features" in str(getattr(f, "name", f)):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full)
+    r = probe.main(["--ckpt", str(ckpt), *SMALL])  # the features are in memory: the run goes on
+    out = capsys.readouterr().out
+    notes = [line for line in out.splitlines() if "no space left" in line]
+    assert notes and all("features" in line for line in notes), out
+    assert list((ckpt.parent / "features").iterdir()) == []  # no temp file, no partial cache
+    assert r["top1"] >= 0 and (ckpt.parent / "probe_builtin_fast.json").exists()
+
+
+def test_a_training_folder_of_one_class_is_refused(tmp_path, capsys, ckpt):
+    one = class_folders(tmp_path / "one", ["cat"], n=12)  # (the old code reported 100%)
+    line = error_line(capsys, ["--ckpt", str(ckpt), "--train-dir", str(one), "--test-dir", str(one)])
+    assert f"--train-dir {one}" in line and "at least 2 classes" in line
+    # two class folders, but every image of one of them unreadable: refused after reading, in one line
+    two = class_folders(tmp_path / "two", ["cat", "dog"], n=3)
+    for f in (two / "dog").iterdir():
+        f.write_bytes(b"not a png")
+    with pytest.raises(SystemExit) as e:
+        probe.main(["--ckpt", str(ckpt), "--train-dir", str(two), "--test-dir", str(two)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "at least 2 classes" in err, err
+    assert not list(ckpt.parent.glob("probe_*.json"))
+
+
+def test_results_are_written_atomically_and_recorded_for_overwrite(ckpt, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import rundir
+
+    probe.main(["--ckpt", str(ckpt), *SMALL, "--save-head", str(ckpt.parent / "head.pt")])
+    listed = rundir.run_files(str(ckpt.parent))
+    features = [f"features/{p.name}" for p in (ckpt.parent / "features").glob("*.pt")]
+    assert len(features) == 2
+    for name in ["probe_builtin_fast.json", "head.pt", *features]:
+        assert name in listed, (name, listed)
+    # written atomically: a failure while writing leaves the previous result as it was, and no temp file
+    result = ckpt.parent / "probe_builtin_fast.json"
+    before = result.read_bytes()
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    with pytest.raises(SystemExit) as e:
+        probe.main(["--ckpt", str(ckpt), *SMALL, "--seed", "5"])
+    assert "no space left" in str(e.value.code) and "\n" not in str(e.value.code)
+    assert result.read_bytes() == before
+    assert sorted(p.name for p in ckpt.parent.iterdir() if ".m3ae-tmp." in p.name or ".tmp." in p.name) == []
+    # a result outside the checkpoint's folder (--out) is written, and not listed there
+    monkeypatch.undo()
+    probe.main(["--ckpt", str(ckpt), *SMALL, "--out", str(tmp_path / "elsewhere.json")])
+    assert (tmp_path / "elsewhere.json").exists() and "elsewhere.json" not in rundir.run_files(str(ckpt.parent))
