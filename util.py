@@ -1,10 +1,11 @@
-"""What several scripts share, in one leaf module (it imports nothing of this project): seeded sampling, the lr
-schedule, the command-line formatter, and `knob`, the one way a setting is declared.
+"""What several scripts share, in one leaf module (it imports nothing of this project): seeded
+sampling, the lr schedule, the command-line formatter, and `knob`, the one way a setting is
+declared.
 
-A setting is declared once, as a dataclass field made with `knob` (model.M3AEConfig, train.Run): its default,
-its help text, what values are valid and how a --resume treats it live in the field's metadata; the flag
-(`--text-mask-ratio` for `text_mask_ratio`), its check and its resume rule all follow from it (add_flags,
-check_fields, resume_rule). No script keeps a list of flag names.
+A setting is declared once, as a dataclass field made with `knob` (model.M3AEConfig, train.Run): its
+default, its help text, what values are valid and how a --resume treats it live in the field's
+metadata; the flag (`--text-mask-ratio` for `text_mask_ratio`), its check and its resume rule all
+follow from it (add_flags, check_fields, resume_rule). No script keeps a list of flag names.
 """
 
 import argparse
@@ -15,7 +16,8 @@ import torch
 
 
 # -----------------------------------------------------------------------------
-# seeded sampling: every random draw keyed by numbers, not by a process-wide stream (exact resume, any rank count)
+# seeded sampling: every random draw keyed by numbers, not by a process-wide stream (exact resume,
+# any rank count)
 
 
 def mix_seed(*numbers):
@@ -29,8 +31,9 @@ def mix_seed(*numbers):
 
 
 class SeededSamples(torch.utils.data.Dataset):
-    """Wraps a map-style dataset so that sample (epoch, index) draws its augmentation from its own seed: what a
-    sample looks like no longer depends on the worker, the rank or the resume point (exact resume)."""
+    """Wraps a map-style dataset so that sample (epoch, index) draws its augmentation from its own
+    seed: what a sample looks like no longer depends on the worker, the rank or the resume point
+    (exact resume)."""
 
     def __init__(self, dataset, seed):
         self.dataset, self.seed = dataset, seed
@@ -46,14 +49,17 @@ class SeededSamples(torch.utils.data.Dataset):
 
 
 def masking_noise(seed, batch_size, num_patches, text_len):
-    """Masking noise (B, N) and (B, T) from one generator seeded with `seed` (model.random_masking keeps the
-    lowest-noise positions). train.py seeds it per global batch, mix_seed(seed, step, 1), and slices its rows."""
+    """Masking noise (B, N) and (B, T) from one generator seeded with `seed` (model.random_masking
+    keeps the lowest-noise positions). train.py seeds it per global batch, mix_seed(seed, step, 1),
+    and slices its rows."""
     g = torch.Generator().manual_seed(seed)
-    return torch.rand(batch_size, num_patches, generator=g), torch.rand(batch_size, text_len, generator=g)
+    return (torch.rand(batch_size, num_patches, generator=g),
+            torch.rand(batch_size, text_len, generator=g))
 
 
 def lr_at(step, max_lr, warmup, total, min_lr=0.0):
-    """Linear warmup from 0 over `warmup` steps, then half-cosine to min_lr at `total` (per step)."""
+    """Linear warmup from 0 over `warmup` steps, then half-cosine to min_lr at
+    `total` (per step)."""
     if step < warmup:
         return max_lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -61,12 +67,13 @@ def lr_at(step, max_lr, warmup, total, min_lr=0.0):
 
 
 # -----------------------------------------------------------------------------
-# command line: one formatter for every script (the module docstring as it is, and every flag's default)
+# command line: one formatter for every script (the module docstring as it is, and every flag's
+# default)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Appends "(default: X)" to every flag whose default is a value; a flag whose default is None or False says
-    in its own help what happens without it."""
+    """Appends "(default: X)" to every flag whose default is a value; a flag whose default is None
+    or False says in its own help what happens without it."""
 
     def _get_help_string(self, action):
         if action.default is None or action.default is False or "default" in (action.help or ""):
@@ -81,20 +88,22 @@ def make_parser(doc, **kwargs):
 # -----------------------------------------------------------------------------
 # settings: each declared once, as a dataclass field; its flag, check and resume rule follow from it
 
-# How a --resume treats a setting: "fixed" ones define what the run trains (a change is refused, naming it),
-# "free" ones are taken from the run unless given again (--steps, --lr), "invocation" ones belong to one
-# command and are never taken from the run (--device, --out-dir).
+# How a --resume treats a setting: "fixed" ones define what the run trains (a change is refused,
+# naming it), "free" ones are taken from the run unless given again (--steps, --lr), "invocation"
+# ones belong to one command and are never taken from the run (--device, --out-dir).
 RESUME_RULES = ("fixed", "free", "invocation")
 
 
-def knob(default, help=None, valid=None, *, choices=None, type=None, aliases=(), resume="fixed", shape=False):
-    """A dataclass field that declares a setting. help=None: no flag (the program sets it, e.g. vocab_size
-    from the tokenizer). valid: (predicate, "what is valid"), e.g. at_least(1). type: the flag's type when
-    the default is None. aliases: older flag names that still work. shape: the weights' shapes depend on it
-    (so it comes from --init-from's checkpoint, never from a flag)."""
+def knob(default, help=None, valid=None, *, choices=None, type=None, aliases=(), resume="fixed",
+         shape=False):
+    """A dataclass field that declares a setting. help=None: no flag (the program sets it, e.g.
+    vocab_size from the tokenizer). valid: (predicate, "what is valid"), e.g. at_least(1). type: the
+    flag's type when the default is None. aliases: older flag names that still work. shape: the
+    weights' shapes depend on it (so it comes from --init-from's checkpoint, never from a flag)."""
     assert resume in RESUME_RULES, resume
     return dataclasses.field(default=default, metadata=dict(
-        help=help, valid=valid, choices=choices, type=type, aliases=aliases, resume=resume, shape=shape))
+        help=help, valid=valid, choices=choices, type=type, aliases=aliases, resume=resume,
+        shape=shape))
 
 
 def at_least(low, high=None):
@@ -115,29 +124,32 @@ def flag_name(name):
 
 
 def check_fields(obj):
-    """Check every declared field of a dataclass instance against its `valid` and `choices` (None passes):
-    ValueError, one line naming the flag, the value and what is valid."""
+    """Check every declared field of a dataclass instance against its `valid` and `choices` (None
+    passes): ValueError, one line naming the flag, the value and what is valid."""
     for f in dataclasses.fields(obj):
         value, m = getattr(obj, f.name), f.metadata
         if value is None or not m:
             continue
         if m["choices"] and value not in m["choices"]:
-            raise ValueError(f"argument {flag_name(f.name)}: {value!r} must be one of {', '.join(m['choices'])}")
+            raise ValueError(f"argument {flag_name(f.name)}: {value!r} must be one of "
+                             f"{', '.join(m['choices'])}")
         if m["valid"] and not (isinstance(value, (int, float)) and m["valid"][0](value)):
             raise ValueError(f"argument {flag_name(f.name)}: {value!r} {m['valid'][1]}")
 
 
 def add_flags(parser, cls, unset=False, note=None):
-    """One flag per declared field of dataclass `cls`, named after it (`text_mask_ratio` -> --text-mask-ratio,
-    plus its aliases). unset=True: every default is None (the value comes from elsewhere unless given, e.g.
-    a model preset); note(field) -> text appended to the help."""
+    """One flag per declared field of dataclass `cls`, named after it (`text_mask_ratio` ->
+    --text-mask-ratio, plus its aliases). unset=True: every default is None (the value comes from
+    elsewhere unless given, e.g. a model preset); note(field) -> text appended to the help."""
     for f in dataclasses.fields(cls):
         m = f.metadata
         if not m or not m["help"]:
             continue
         kind = m["type"] or type(f.default)
-        kw = dict(dest=f.name, default=None if unset else f.default, help=m["help"] + (note(f) if note else ""))
-        if kind is bool:  # a switch that is off by default is --name alone; one that may be on, --no-name too
+        kw = dict(dest=f.name, default=None if unset else f.default,
+                  help=m["help"] + (note(f) if note else ""))
+        # a switch that is off by default is --name alone; one that may be on, --no-name too
+        if kind is bool:
             kw["action"] = "store_true" if f.default is False else argparse.BooleanOptionalAction
         else:
             kw.update(type=kind, choices=m["choices"])
@@ -145,10 +157,11 @@ def add_flags(parser, cls, unset=False, note=None):
 
 
 def resume_merge(cls, recorded, current, given):
-    """--resume: each setting of dataclass `cls` comes from the run's record (`recorded`, a dict) unless it was
-    given on this command line (`given`: names; `current`: this command's values by name) or its rule is
-    "invocation" (this command's alone). Returns (the merged values by name, notes on the allowed changes,
-    the refused ones: a given "fixed" setting that differs from the record)."""
+    """--resume: each setting of dataclass `cls` comes from the run's record (`recorded`, a dict)
+    unless it was given on this command line (`given`: names; `current`: this command's values by
+    name) or its rule is "invocation" (this command's alone). Returns (the merged values by name,
+    notes on the allowed changes, the refused ones: a given "fixed" setting that differs from the
+    record)."""
     merged, notes, refused = {}, [], []
     for f in dataclasses.fields(cls):
         rule = f.metadata["resume"] if f.metadata else "fixed"
