@@ -1,21 +1,24 @@
 """Pretrain M3AE (or its MAE baseline) — one flat loop, read top to bottom.
 
-    python train.py                                   # tiny preset, built-in data, 2 CPU cores, minutes
-    python train.py --no-text                         # the MAE baseline: same recipe, image-only mode
-    python train.py --csv pairs.csv --preset base     # your image-caption pairs (header: filepath,caption)
-    torchrun --nproc_per_node=8 train.py --preset base --wds-shards 'cc12m/{00000..01242}.tar' --epoch-samples 10000000
-    python train.py --bench --preset base             # throughput on random tensors (images/s, MFU)
+    python train.py                            # tiny preset, built-in data, 2 CPU cores, minutes
+    python train.py --no-text                  # the MAE baseline: same recipe, image-only mode
+    python train.py --csv pairs.csv            # your image-caption pairs (header: filepath,caption)
+    torchrun --nproc_per_node=8 train.py --preset base --wds-shards 'cc12m/{00000..01242}.tar' \
+        --epoch-samples 10000000               # CC12M-scale, 8 GPUs
+    python train.py --bench --preset base      # throughput on random tensors (images/s, MFU)
 
-Recipe (paper section 4, official code): AdamW (0.9, 0.95), weight decay 0.05 on Linear weights only,
-lr = base_lr x global_batch / 256, linear warmup then cosine decay per step, image/text mask 0.75/0.75,
-loss 1.0 x MSE + 0.5 x CE. Every setting is declared once, as a field: the run's in `Run` below, the model's,
-masking's and loss's in model.M3AEConfig; each field is a flag of the same name (`--help`).
+Recipe (paper section 4, official code): AdamW (0.9, 0.95), weight decay 0.05 on Linear weights
+only, lr = base_lr x global_batch / 256, linear warmup then cosine decay per step, image/text mask
+0.75/0.75, loss 1.0 x MSE + 0.5 x CE. Every setting is declared once, as a field: the run's in `Run`
+below, the model's, masking's and loss's in model.M3AEConfig; each field is a flag of the same name
+(`--help`).
 
-Determinism: each sample's augmentation is drawn from (seed, epoch, index) and each global batch's masking
-noise from (seed, step), not from a process-wide stream, so a resumed run, a run on more ranks and a run with
-more workers see the same samples with the same masks (map-style data; a webdataset stream resumes at the same
-sample with fresh augmentation draws). OUT_DIR belongs to one run (rundir.py): nothing is written there until
-every input was checked; --resume continues it, --overwrite replaces it.
+Determinism: each sample's augmentation is drawn from (seed, epoch, index) and each global batch's
+masking noise from (seed, step), not from a process-wide stream, so a resumed run, a run on more
+ranks and a run with more workers see the same samples with the same masks (map-style data; a
+webdataset stream resumes at the same sample with fresh augmentation draws). OUT_DIR belongs to one
+run (rundir.py): nothing is written there until every input was checked; --resume continues it,
+--overwrite replaces it.
 """
 
 import argparse
@@ -50,12 +53,13 @@ from util import (add_flags, at_least, check_fields, flag_name, fraction, knob, 
                   make_parser, masking_noise, mix_seed, resume_merge)
 
 # -----------------------------------------------------------------------------
-# settings: the run's own, one field each (the model's are M3AEConfig's); resume= says how --resume treats it
+# settings: the run's own, one field each (the model's are M3AEConfig's); resume= says how --resume
+# treats it
 
 
 def default_workers():
-    """DataLoader workers per rank: the CPUs this process may use, shared among the ranks of this node, one left
-    for the training process itself; at least 1, at most 16."""
+    """DataLoader workers per rank: the CPUs this process may use, shared among the ranks of this
+    node, one left for the training process itself; at least 1, at most 16."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(16, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
 
@@ -67,76 +71,95 @@ FREE, ONCE = "free", "invocation"
 @dataclass(frozen=True)
 class Run:
     # model (its geometry, masking and loss: M3AEConfig's flags)
-    preset: str = knob("tiny", "model size; presets and their geometry: `python model.py`", choices=tuple(PRESETS))
+    preset: str = knob("tiny", "model size; presets and their geometry: `python model.py`",
+                       choices=tuple(PRESETS))
     no_text: bool = knob(False, "MAE baseline: image-only mode; no captions read, no tokenizer")
-    init_from: str = knob(None, "start from these weights (train.py's or convert.py's checkpoint): its "
-                          "architecture and, unless --tokenizer is given, its tokenizer and normalisation",
-                          type=str, resume=ONCE)
+    init_from: str = knob(None, "start from these weights (train.py's or convert.py's checkpoint): "
+                          "its architecture and, unless --tokenizer is given, its tokenizer and "
+                          "normalisation", type=str, resume=ONCE)
     # data: the source follows from --csv / --wds-shards; neither: the built-in demo set
-    data: str = knob(None, "data source (default: csv with --csv, wds with --wds-shards, else builtin)", type=str,
-                     choices=("builtin", "csv", "wds"))
+    data: str = knob(None, "data source (default: csv with --csv, wds with --wds-shards, else "
+                     "builtin)", type=str, choices=("builtin", "csv", "wds"))
     csv: str = knob(None, "CSV/TSV of image paths (relative to the file) and captions", type=str)
-    csv_img_key: str = knob(None, "--csv: the image path column (default: the first of filepath, image, "
-                            "image_path, path, file, filename)", type=str)
-    csv_caption_key: str = knob(None, "--csv: the caption column (default: caption, text or title)", type=str)
-    csv_separator: str = knob(None, "--csv: field separator (default: tab for .tsv, comma for .csv, else sniffed)",
-                              type=str)
-    wds_shards: str = knob(None, "webdataset .tar shards as img2dataset writes them: 'dir/{00000..00099}.tar', a "
-                           "glob, or a comma-separated list", type=str)
-    wds_image_key: str = knob("jpg;jpeg;png;webp", "--wds-shards: image member extensions, first present wins")
-    wds_caption_key: str = knob("txt;json", "--wds-shards: caption member extensions (json: its 'caption')")
-    epoch_samples: int = knob(None, "--wds-shards: samples per epoch (a stream has no length)", at_least(1, 10**12),
-                              type=int)
+    csv_img_key: str = knob(None, "--csv: the image path column (default: the first of filepath, "
+                            "image, image_path, path, file, filename)", type=str)
+    csv_caption_key: str = knob(None, "--csv: the caption column (default: caption, text or title)",
+                                type=str)
+    csv_separator: str = knob(None, "--csv: field separator (default: tab for .tsv, comma for .csv, "
+                              "else sniffed)", type=str)
+    wds_shards: str = knob(None, "webdataset .tar shards as img2dataset writes them: "
+                           "'dir/{00000..00099}.tar', a glob, or a comma-separated list", type=str)
+    wds_image_key: str = knob("jpg;jpeg;png;webp", "--wds-shards: image member extensions, first "
+                              "present wins")
+    wds_caption_key: str = knob("txt;json", "--wds-shards: caption member extensions (json: its "
+                                "'caption')")
+    epoch_samples: int = knob(None, "--wds-shards: samples per epoch (a stream has no length)",
+                              at_least(1, 10**12), type=int)
     text_file: str = knob(None, "extra unpaired captions, one per line (text-only samples)", type=str)
-    image_dir: str = knob(None, "extra unpaired images, a folder read recursively (image-only samples)", type=str)
-    paired_share: float = knob(1.0, "fraction of pairs kept paired; the rest: half images only, half texts only",
-                               fraction(high_open=False))
-    data_seed: int = knob(0, "built-in data: which procedural dataset (kept fixed across --seed)", at_least(0))
+    image_dir: str = knob(None, "extra unpaired images, a folder read recursively (image-only "
+                          "samples)", type=str)
+    paired_share: float = knob(1.0, "fraction of pairs kept paired; the rest: half images only, half "
+                               "texts only", fraction(high_open=False))
+    data_seed: int = knob(0, "built-in data: which procedural dataset (kept fixed across --seed)",
+                          at_least(0))
     data_level: str = knob("easy", "built-in data: difficulty", choices=tuple(builtin.LEVELS))
     train_size: int = knob(20000, "built-in data: pretraining pairs", at_least(1, 10**8))
-    tokenizer: str = knob(None, "tokenizer file: sentencepiece .model or BERT vocab.txt (default: trained on the "
-                          "run's captions)", type=str)
+    tokenizer: str = knob(None, "tokenizer file: sentencepiece .model or BERT vocab.txt (default: "
+                          "trained on the run's captions)", type=str)
     vocab_size: int = knob(1024, "vocabulary when training a tokenizer", at_least(8, 262144))
-    tokenizer_captions: int = knob(MAX_TOKENIZER_CAPTIONS, "a tokenizer is trained on at most this many captions",
-                                   at_least(1, 10**8))
+    tokenizer_captions: int = knob(MAX_TOKENIZER_CAPTIONS, "a tokenizer is trained on at most this "
+                                   "many captions", at_least(1, 10**8))
     workers: int = knob(default_workers(), "DataLoader workers per rank (default: CPUs / ranks - 1)",
                         at_least(0, 256), resume=ONCE)
     # optimisation
-    batch_size: int = knob(64, "global batch (summed over ranks and accumulation steps)", at_least(1))
+    batch_size: int = knob(64, "global batch (summed over ranks and accumulation steps)",
+                           at_least(1))
     grad_accum: int = knob(1, "gradient accumulation steps", at_least(1), resume=FREE)
     steps: int = knob(1000, "optimizer steps in total", at_least(1, 10**9), resume=FREE)
     warmup_steps: int = knob(50, "linear warmup steps", at_least(0), resume=FREE)
-    base_lr: float = knob(None, "peak lr = base_lr x batch / 256 (default: 1.5e-4, the paper's; 6e-3 for tiny: "
-                          "docs/log.md)", POSITIVE, type=float, resume=FREE)
-    lr: float = knob(None, "absolute peak lr (instead of --base-lr)", POSITIVE, type=float, resume=FREE)
+    base_lr: float = knob(None, "peak lr = base_lr x batch / 256 (default: 1.5e-4, the paper's; "
+                          "6e-3 for tiny: docs/log.md)", POSITIVE, type=float, resume=FREE)
+    lr: float = knob(None, "absolute peak lr (instead of --base-lr)", POSITIVE, type=float,
+                     resume=FREE)
     min_lr: float = knob(0.0, "lr at the end of the cosine", at_least(0.0), resume=FREE)
-    weight_decay: float = knob(0.05, "AdamW weight decay on Linear weights (param_groups)", at_least(0.0),
-                               resume=FREE)
+    weight_decay: float = knob(0.05, "AdamW weight decay on Linear weights (param_groups)",
+                               at_least(0.0), resume=FREE)
     beta2: float = knob(0.95, "AdamW beta2 (beta1 is 0.9)", fraction(), resume=FREE)
-    clip_grad: float = knob(0.0, "max grad norm; 0 = no clipping (official)", at_least(0.0), resume=FREE)
-    seed: int = knob(0, "initial weights, data order, augmentation and masks", at_least(0, 2**63 - 1))
+    clip_grad: float = knob(0.0, "max grad norm; 0 = no clipping (official)", at_least(0.0),
+                            resume=FREE)
+    seed: int = knob(0, "initial weights, data order, augmentation and masks",
+                     at_least(0, 2**63 - 1))
     # systems
-    device: str = knob("cuda" if torch.cuda.is_available() else "cpu", "cuda, cuda:N or cpu", resume=ONCE)
-    dtype: str = knob(None, "autocast dtype (default: bf16 on CUDA, fp32 on CPU)", type=str, choices=("bf16", "fp32"),
-                      resume=ONCE)
+    device: str = knob("cuda" if torch.cuda.is_available() else "cpu", "cuda, cuda:N or cpu",
+                       resume=ONCE)
+    dtype: str = knob(None, "autocast dtype (default: bf16 on CUDA, fp32 on CPU)", type=str,
+                      choices=("bf16", "fp32"), resume=ONCE)
     compile: bool = knob(None, "torch.compile (default: on CUDA)", type=bool, resume=ONCE)
-    peak_tflops: float = knob(989.0, "accelerator peak for MFU (H100 SXM bf16 dense: 989)", POSITIVE, resume=ONCE)
+    peak_tflops: float = knob(989.0, "accelerator peak for MFU (H100 SXM bf16 dense: 989)", POSITIVE,
+                              resume=ONCE)
     # bookkeeping
-    out_dir: str = knob("runs/default", "checkpoints, tokenizer, config.json and log.jsonl: one run", resume=ONCE)
-    resume: bool = knob(False, "continue the run in OUT_DIR (settings not repeated come from the run)", resume=ONCE)
-    overwrite: bool = knob(False, "delete the run in OUT_DIR (only its own files) and start afresh", resume=ONCE)
-    save_every: int = knob(500, "checkpoint every N steps (and at the end)", at_least(1), resume=FREE)
-    log_every: int = knob(25, "log, and check for non-finite loss and gradients, every N steps", at_least(1),
-                          resume=FREE)
-    stop_after: int = knob(None, "save and exit after this step (simulates an interruption)", at_least(1), type=int,
+    out_dir: str = knob("runs/default", "checkpoints, tokenizer, config.json and log.jsonl: one run",
+                        resume=ONCE)
+    resume: bool = knob(False, "continue the run in OUT_DIR (settings not repeated come from the run)",
+                        resume=ONCE)
+    overwrite: bool = knob(False, "delete the run in OUT_DIR (only its own files) and start afresh",
                            resume=ONCE)
+    save_every: int = knob(500, "checkpoint every N steps (and at the end)", at_least(1),
+                           resume=FREE)
+    log_every: int = knob(25, "log, and check for non-finite loss and gradients, every N steps",
+                          at_least(1), resume=FREE)
+    stop_after: int = knob(None, "save and exit after this step (simulates an interruption)",
+                           at_least(1), type=int, resume=ONCE)
     probe: bool = knob(True, "built-in data: quick probe at the end", resume=FREE)
-    probe_train_size: int = knob(5000, "built-in data: labelled images to fit the quick probe", at_least(2, 10**6),
-                                 resume=FREE)
-    probe_test_size: int = knob(2000, "built-in data: labelled images to score it", at_least(1, 10**6), resume=FREE)
+    probe_train_size: int = knob(5000, "built-in data: labelled images to fit the quick probe",
+                                 at_least(2, 10**6), resume=FREE)
+    probe_test_size: int = knob(2000, "built-in data: labelled images to score it",
+                                at_least(1, 10**6), resume=FREE)
     bench: bool = knob(False, "time --bench-steps steps on random tensors and exit", resume=ONCE)
-    bench_steps: int = knob(20, "--bench: timed steps (after 3 warm-up steps)", at_least(1), resume=ONCE)
-    profile: bool = knob(False, "--bench: then profile a few steps by op class (torch.profiler)", resume=ONCE)
+    bench_steps: int = knob(20, "--bench: timed steps (after 3 warm-up steps)", at_least(1),
+                            resume=ONCE)
+    profile: bool = knob(False, "--bench: then profile a few steps by op class (torch.profiler)",
+                         resume=ONCE)
 
     def __post_init__(self):
         check_fields(self)
@@ -186,8 +209,8 @@ class Settings(NamedTuple):
 
 
 def settings(argv=None):
-    """Parse, then check every value, path and combination before any work: one line naming the flag, exit 2.
-    With --resume, every setting not given again comes from the run's record."""
+    """Parse, then check every value, path and combination before any work: one line naming the
+    flag, exit 2. With --resume, every setting not given again comes from the run's record."""
     p = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args, given = p.parse_args(argv), given_flags(p, argv)
@@ -292,8 +315,8 @@ def check_run(p, run, config):
         print(f"warning: --warmup-steps {run.warmup_steps} >= --steps {run.steps}: the lr never leaves warmup")
     if config.image_mask_ratio == 0 and (config.text_mask_ratio == 0 or no_text):
         print("warning: nothing is masked (--image-mask-ratio 0, no text masking): the loss is over no token")
-    # tiny: peak lr 1.5e-3 at batch 64 barely taught the text to read the image in 1000 steps; 6e-3 does
-    # (measured on the built-in data: docs/log.md)
+    # tiny: peak lr 1.5e-3 at batch 64 barely taught the text to read the image in 1000 steps; 6e-3
+    # does (measured on the built-in data: docs/log.md)
     base_lr = run.base_lr if run.base_lr or run.lr else (6e-3 if run.preset == "tiny" else 1.5e-4)
     return replace(run, data=inferred, base_lr=base_lr, no_text=no_text)
 
@@ -303,9 +326,9 @@ def check_run(p, run, config):
 
 
 def param_groups(model, weight_decay):
-    """Decay Linear weights only. No decay on biases, LayerNorms, the text embedding table, CLS, type
-    embeddings and mask tokens. (Official decays LayerNorm scales; mae decays CLS and mask tokens; we
-    exempt both, the usual ViT practice.)"""
+    """Decay Linear weights only. No decay on biases, LayerNorms, the text embedding table, CLS,
+    type embeddings and mask tokens. (Official decays LayerNorm scales; mae decays CLS and mask
+    tokens; we exempt both, the usual ViT practice.)"""
     decay = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
     params = [p for p in model.parameters() if p.requires_grad]
     return [{"params": [p for p in params if id(p) in decay], "weight_decay": weight_decay},
@@ -313,12 +336,13 @@ def param_groups(model, weight_decay):
 
 
 def train_flops_per_sample(c, with_text=True, with_image=True):
-    """Analytic FLOPs of one training step per sample, counting a multiply-add as 2: the matrix products only
-    (layer norms, softmax, element-wise work and the optimizer are not counted), dense (padding and padded keys
-    count). Each forward product has two in the backward (input and weight gradients), so a step is 3x the
-    forward, less one product for the patch embedding, whose input (the pixels) needs no gradient.
-    The output heads run on the removed tokens only (M3AE.forward_loss).
-    Equal to torch.utils.flop_counter's count of a step with attn "math" (tests/test_bench.py)."""
+    """Analytic FLOPs of one training step per sample, counting a multiply-add as 2: the matrix
+    products only (layer norms, softmax, element-wise work and the optimizer are not counted), dense
+    (padding and padded keys count). Each forward product has two in the backward (input and weight
+    gradients), so a step is 3x the forward, less one product for the patch embedding, whose input
+    (the pixels) needs no gradient. The output heads run on the removed tokens only
+    (M3AE.forward_loss). Equal to torch.utils.flop_counter's count of a step with attn "math"
+    (tests/test_bench.py)."""
     def transformer(n, d, depth):  # qkv 6nd^2 + proj 2nd^2 + mlp 4nd*hidden + attention 4n^2d (q k^T, p v)
         return depth * (8 * n * d * d + 4 * n * d * int(d * c.mlp_ratio) + 4 * n * n * d)
     N, T = (c.num_patches if with_image else 0), (c.text_len if with_text else 0)
@@ -353,8 +377,8 @@ def set_rng_state(s):
 
 @dataclass
 class Training:
-    """What the loop changes: the model (the plain module, what is saved), what it steps (compiled and / or
-    DDP-wrapped), the optimizer, and where it is."""
+    """What the loop changes: the model (the plain module, what is saved), what it steps (compiled
+    and / or DDP-wrapped), the optimizer, and where it is."""
     model: M3AE
     step_model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -393,9 +417,10 @@ def blank_batch(empty):
 
 
 def forward_batch(model, batch, no_text, text_only):
-    """The loss terms of a batch, by name. Paired and image-only samples go through one forward (an image-only
-    sample is an all-padding caption), text-only samples through a second one with no image; their terms add
-    (as official's unpaired text). text_only: host-side (B,) bool, so that splitting needs no device sync."""
+    """The loss terms of a batch, by name. Paired and image-only samples go through one forward (an
+    image-only sample is an all-padding caption), text-only samples through a second one with no
+    image; their terms add (as official's unpaired text). text_only: host-side (B,) bool, so that
+    splitting needs no device sync."""
     if no_text:
         return model(batch["image"], image_noise=batch["image_noise"])
     if not text_only.any():
@@ -413,8 +438,9 @@ def forward_batch(model, batch, no_text, text_only):
 
 
 def train_step(t, batches, lr, env, run, config, skips):
-    """One optimizer step over run.grad_accum micro-batches of this rank. Returns (the loss terms by name,
-    averaged over micro-batches, on the device; the gradient norm before clipping; samples used)."""
+    """One optimizer step over run.grad_accum micro-batches of this rank. Returns (the loss terms by
+    name, averaged over micro-batches, on the device; the gradient norm before clipping; samples
+    used)."""
     for group in t.optimizer.param_groups:
         group["lr"] = lr
     per_rank = run.batch_size // env.world
@@ -428,7 +454,8 @@ def train_step(t, batches, lr, env, run, config, skips):
             batch, weight = blank_batch(batch), 0.0
         start = env.rank * per_rank + micro * micro_batch  # this micro-batch's rows of the global batch
         rows = slice(start, start + len(batch["image"]))  # (a batch shrinks when bad samples are skipped)
-        # masking noise drawn for the whole global batch from (seed, step): the same masks on any rank count
+        # masking noise drawn for the whole global batch from (seed, step): the same masks on any
+        # rank count
         noise = masking_noise(mix_seed(run.seed, t.step, 1), run.batch_size, config.num_patches, config.text_len)
         batch["image_noise"], batch["text_noise"] = noise[0][rows], noise[1][rows]
         text_only = ~batch["has_image"]  # read on the host, before the copy: no device sync
@@ -466,7 +493,8 @@ def main(argv=None):
     elif run.no_text and not (init or run.resume):
         config = replace(config, vocab_size=run.vocab_size)
 
-    # --- OUT_DIR is this run's from here on (rank 0 holds its lock); its tokenizer, then the data ---
+    # --- OUT_DIR is this run's from here on (rank 0 holds its lock); its tokenizer, then the data
+    # ---
     lock = None
     if env.master:
         lock = claim(run)
@@ -479,7 +507,8 @@ def main(argv=None):
     dataset, probe_sets = build_datasets(run, sources, tokenizer, config)
     fingerprint = run_fingerprint(run, tokenizer) if env.master else None  # rank 0 checks and saves it
 
-    # --- model and optimizer; the initial weights depend on --seed alone (the same on every rank) ---
+    # --- model and optimizer; the initial weights depend on --seed alone (the same on every rank)
+    # ---
     torch.manual_seed(run.seed)
     model = M3AE(config).to(env.device)
     if init:
@@ -510,7 +539,8 @@ def main(argv=None):
         t.step_model = DDP(t.step_model, device_ids=[env.device.index] if env.cuda else None,
                            find_unused_parameters=run.paired_share < 1 or bool(run.text_file or run.image_dir))
 
-    # --- the loop; what a checkpoint carries besides weights and progress: how to read data for this encoder ---
+    # --- the loop; what a checkpoint carries besides weights and progress: how to read data for
+    # this encoder ---
     extra = dict(fingerprint=fingerprint, data={"mean": list(sources.norm[0]), "std": list(sources.norm[1]),
                                                 "source": run.data})
     if tokenizer is not None:
@@ -556,8 +586,8 @@ def run_fingerprint(run, tokenizer):
 
 
 def resume(t, run, env, fingerprint, notes):
-    """--resume: the newest readable checkpoint, the run's data unchanged, the log without replayed steps.
-    Returns False when the run has nothing left to train."""
+    """--resume: the newest readable checkpoint, the run's data unchanged, the log without replayed
+    steps. Returns False when the run has nothing left to train."""
     try:
         ckpt, name = checkpoint.load_checkpoint(run.out_dir, map_location=env.device, aside=env.master)
         if ckpt is not None and env.master:
@@ -589,9 +619,9 @@ def resume(t, run, env, fingerprint, notes):
 
 def finish(lock, env, t=None):
     if env.ddp:
-        # Leave together: rank 0 may still be writing the last checkpoint or probing, and a gloo rank that tears
-        # its process group down while a peer is busy can abort at exit (SIGABRT seen once in CI). The DDP
-        # wrapper holds the process group too, so it goes first.
+        # Leave together: rank 0 may still be writing the last checkpoint or probing, and a gloo
+        # rank that tears its process group down while a peer is busy can abort at exit (SIGABRT
+        # seen once in CI). The DDP wrapper holds the process group too, so it goes first.
         dist.barrier()
         if t is not None:
             t.step_model = None
@@ -601,10 +631,11 @@ def finish(lock, env, t=None):
 
 
 def loop(t, dataset, env, run, config, extra):
-    """Train from t's step to run.steps. Logs every --log-every steps, saves every --save-every. Returns False
-    when --stop-after ended it early. Non-finite values: each step marks, on the device, whether its loss and
-    gradient norm were finite; the mark is read at every log and before every save (no extra host sync), so the
-    run stops at most --log-every steps after a bad step, before any save, with the last good weights saved."""
+    """Train from t's step to run.steps. Logs every --log-every steps, saves every --save-every.
+    Returns False when --stop-after ended it early. Non-finite values: each step marks, on the
+    device, whether its loss and gradient norm were finite; the mark is read at every log and before
+    every save (no extra host sync), so the run stops at most --log-every steps after a bad step,
+    before any save, with the last good weights saved."""
     flops_per_sample = train_flops_per_sample(config, with_text=not run.no_text)
     per_rank = run.batch_size // env.world
     loader = make_loader(dataset, per_rank // run.grad_accum, run.workers, env, run.seed)
@@ -667,8 +698,8 @@ def loop(t, dataset, env, run, config, extra):
 
 
 def log_record(terms, env):
-    """The loss terms as floats by name, averaged over ranks (the union of the ranks' names; a missing term is
-    0 on that rank, as an absent modality)."""
+    """The loss terms as floats by name, averaged over ranks (the union of the ranks' names; a
+    missing term is 0 on that rank, as an absent modality)."""
     names = sorted(terms)
     if env.ddp:
         gathered = [None] * env.world
@@ -690,8 +721,8 @@ def summary(run, step, finished):
 
 
 def end_of_run_check(model, tokenizer, probe_sets, run, step):
-    """The built-in data's quick probe (probe.py's fast mode, both labels) and the text-grounding check; printed
-    and written to OUT_DIR/probe.json."""
+    """The built-in data's quick probe (probe.py's fast mode, both labels) and the text-grounding
+    check; printed and written to OUT_DIR/probe.json."""
     accs = probe.quick_probe(model, *probe_sets, seed=run.seed)
     result = {"probe_top1": accs["shape"], "probe_top1_colour": accs["colour"], "steps": step,
               "model": "MAE (no text)" if run.no_text else "M3AE"}
@@ -710,8 +741,8 @@ def end_of_run_check(model, tokenizer, probe_sets, run, step):
 
 
 def bench(run, config, env):
-    """Time training steps on random tensors: images/s, step time, peak memory, MFU; with --profile, then where
-    a step's time goes by op class (kernels/op_profile.py)."""
+    """Time training steps on random tensors: images/s, step time, peak memory, MFU; with --profile,
+    then where a step's time goes by op class (kernels/op_profile.py)."""
     device, B = env.device, run.batch_size // env.world // run.grad_accum
     config = replace(config, vocab_size=run.vocab_size)
     model = M3AE(config).to(device)
