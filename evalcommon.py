@@ -164,6 +164,16 @@ def check_paths(p, args, splits, purpose="a linear probe"):
     return found
 
 
+def need_classes(prog, train, purpose="a linear probe"):
+    """Refuse (one line, exit 2) a training split whose readable images hold fewer than 2 classes: a
+    probe of one class is 100% right, an OOD score of one class reads nothing."""
+    present = train.y.unique().tolist()
+    if len(present) < 2:
+        names = ", ".join(train.classes[k] if train.classes else str(k) for k in present)
+        die(prog, f"{train.what}: the usable images hold {len(present)} class ({names}): {purpose} "
+            "needs at least 2 classes")
+
+
 # -----------------------------------------------------------------------------
 # the checkpoint, and the files written next to it
 
@@ -209,6 +219,12 @@ def out_path_for(ckpt_path, out, preset, random_init, name):
         return out
     name += "_random_init" if random_init else ""
     return os.path.join(run_folder(ckpt_path, preset), f"{name}.json")
+
+
+def result_name(prefix, d, mode=None, recipe="grid"):
+    """probe_<dataset>_<mode>[_paper] / ood_<dataset>[_paper] (the caller adds _random_init)."""
+    tags = ([mode] if mode else []) + (["paper"] if recipe == "paper" else [])
+    return prefix + "_" + d.name + "".join(f"_{x}" for x in tags)
 
 
 def write_output(path, write, mode="wb", folder=None):
@@ -397,16 +413,6 @@ def labelled_source(d, which, image_size):
     return source, identity, classes, f"--{which}-dir {folder}"
 
 
-def need_classes(prog, train, purpose="a linear probe"):
-    """Refuse (one line, exit 2) a training split whose usable images hold fewer than 2 classes: a probe
-    of one class is 100% right and an OOD score of one class reads nothing."""
-    present = train.y.unique().tolist()
-    if len(present) < 2:
-        names = ", ".join(train.classes[k] if train.classes else str(k) for k in present)
-        die(prog, f"{train.what}: the usable images hold {len(present)} class ({names}): {purpose} "
-            "needs at least 2 classes")
-
-
 class Indexed(torch.utils.data.Dataset):
     """dataset[i] plus index=i: which source row each feature came from."""
 
@@ -423,9 +429,3 @@ class Indexed(torch.utils.data.Dataset):
 def skip_report(skipped):
     ranked = sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0]))
     return ", ".join(f"{k} {n}" for k, n in ranked) or "none"
-
-
-def result_name(prefix, d, mode=None, recipe="grid"):
-    """probe_<dataset>_<mode>[_paper] / ood_<dataset>[_paper] (the caller adds _random_init)."""
-    tags = ([mode] if mode else []) + (["paper"] if recipe == "paper" else [])
-    return prefix + "_" + d.name + "".join(f"_{x}" for x in tags)

@@ -46,8 +46,7 @@ from evalcommon import (Indexed, add_data_args, add_encoder_args, check_paths, d
                         skip_report, stratified_split, write_output, write_result)
 from util import SeededSamples, lr_at, make_parser, mix_seed
 
-# base lrs of the default grid (lr = base_lr x batch / 256): 0.1 is the paper's, 6.4 mae's absolute
-# lr, the large end for small datasets (docs/probe.md)
+# the default grid's base lrs, lr = base_lr x batch / 256 (paper: 0.1, mae: 6.4; docs/probe.md)
 LR_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 6.4, 10.0, 30.0, 100.0)
 
 # -----------------------------------------------------------------------------
@@ -59,17 +58,17 @@ def add_head_args(p, full_mode=True):
     a("--recipe", default="grid", choices=["grid", "paper"], help="grid: one head per --lr-grid "
       "base lr, the lr chosen on the validation split; paper: one head at --base-lr on the whole "
       "training split")
-    a("--lr-grid", type=float, nargs="+", default=list(LR_GRID), help="--recipe grid: the base lrs "
-      "tried")
-    a("--optimizer", default="lars", choices=["lars", "sgd"], help="LARS as the paper, or momentum "
-      "SGD")
+    a("--lr-grid", type=float, nargs="+", default=list(LR_GRID),
+      help="--recipe grid: the base lrs tried")
+    a("--optimizer", default="lars", choices=["lars", "sgd"],
+      help="LARS as the paper, or momentum SGD")
     a("--epochs", type=int, help="head training epochs; if not given, 90 as the paper"
       + (" (10 for --mode full on the built-in data)" if full_mode else ""))
     a("--batch-size", type=int, default=256, help="head batch (paper: 16384 mae, 2048 official)")
     a("--base-lr", type=float, help="--recipe paper: lr = base_lr x batch / 256; if not given, 0.1 "
       "as the paper")
-    a("--warmup-epochs", type=float, help="linear warmup; if not given, epochs / 9 (the paper's 10 "
-      "of 90)")
+    a("--warmup-epochs", type=float,
+      help="linear warmup; if not given, epochs / 9 (the paper's 10 of 90)")
     a("--weight-decay", type=float, default=0.0, help="as the paper: 0")
 
 
@@ -98,8 +97,8 @@ def build_parser():
     add_data_args(p)
     add_head_args(p)
     a = p.add_argument
-    a("--mode", default="fast", choices=["fast", "full"], help="fast: cached features; full: "
-      "augmentation")
+    a("--mode", default="fast", choices=["fast", "full"],
+      help="fast: cached features; full: augmentation")
     a("--label", default="shape", choices=builtin.Builtin.LABELS, help="built-in data: what to "
       "classify, the main object's shape (10 classes) or its colour (11); results go to "
       "probe_builtin[_colour]_<mode>.json")
@@ -131,9 +130,8 @@ def get_args(argv=None):
 
 
 class Split(NamedTuple):
-    """A split's features: x (N, D) float32 on the CPU, y (N,) labels (-1: OOD), index (N,) the
-    source row of each (unreadable images leave gaps), classes (names or None), skipped {reason:
-    count}, what (the folder or split, for messages)."""
+    """A split's features: x (N, D) float32, CPU; y (N,) labels (-1: OOD); index (N,) the source row
+    of each; classes (names or None); skipped {reason: count}; what (the folder or split)."""
     x: torch.Tensor
     y: torch.Tensor
     index: torch.Tensor
@@ -152,8 +150,8 @@ def extract_features(model, dataset, batch_size=256, workers=0):
                                          num_workers=workers, collate_fn=data.collate)
     feats, labels, rows, skipped = [], [], [], Counter()
     for batch in tqdm(loader, desc="features", leave=False, disable=len(loader) < 8):
-        skipped.update({k: n for k, n in batch["skipped"].items()
-                        if not k.startswith("converted:")})  # a note, not a skip
+        skips = {k: n for k, n in batch["skipped"].items() if not k.startswith("converted:")}
+        skipped.update(skips)
         if len(batch["label"]):
             feats.append(model.encode(batch["image"].to(device))[0].float().cpu())
             labels.append(batch["label"])
