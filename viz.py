@@ -39,10 +39,12 @@ from PIL import Image, ImageDraw, ImageFont
 
 import builtin
 import data
-from checkpoint import (NORMS, checkpoint_data_level, checkpoint_data_seed, checkpoint_norm,
-                        checkpoint_tokenizer, load_model)
+from checkpoint import (NORMS, CheckpointError, checkpoint_data_level, checkpoint_data_seed,
+                        checkpoint_norm, checkpoint_tokenizer)
+from evalcommon import check_file, die, read_model, write_output
 from model import patch_mse, patchify, per_sample_mean, unpatchify
 from util import make_parser, masking_noise
+
 MODES = ("recon", "caption", "attention")  # "all" runs the three; "attention" writes two files
 
 # Default word for the word-attention map: the first word that names a shape in the built-in vocabulary (the
@@ -122,14 +124,6 @@ def get_args(argv=None):
     return args
 
 
-def check_file(p, flag, path, what):
-    """p.error (one line, exit 2) unless path is an existing file: '--flag PATH: problem (what is valid)'."""
-    if not os.path.exists(path):
-        p.error(f"{flag} {path}: no such file ({what})")
-    if os.path.isdir(path):
-        p.error(f"{flag} {path}: is a folder, not a file ({what})")
-
-
 # -----------------------------------------------------------------------------
 # model, tokenizer, data
 
@@ -159,11 +153,40 @@ def load_samples(args, ckpt, image_size):
     return samples, f"built-in {args.split} samples {args.first}-{args.first + args.samples - 1} (data seed {seed})"
 
 
+def load_tokenizer(args, ckpt, vocab_size):
+    """The checkpoint's tokenizer (checkpoint.checkpoint_tokenizer), or None when there is none to be
+    found (an MAE baseline, an official checkpoint converted without a vocab): then no caption is
+    read, and only image figures are drawn. A tokenizer that is there but unusable, or captions asked
+    for without one, ends the run in one line. Predicted words are read among the tokenizer's ids."""
+    try:
+        tokenizer = checkpoint_tokenizer(ckpt, args.ckpt, args.tokenizer)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        if args.tokenizer or "tokenizer" in ckpt or not reason.startswith("no tokenizer"):
+            where = f"--tokenizer {args.tokenizer}" if args.tokenizer else f"--ckpt {args.ckpt}"
+            die("viz.py", f"{where}: unusable tokenizer: {reason}")
+        reason = reason.split(";")[0]
+        if args.caption or args.mode in ("caption", "attention"):
+            die("viz.py", f"{reason}; captions need one: pass --tokenizer (a sentencepiece .model "
+                "or a vocab.txt)")
+        print(f"note: {reason}: image figures only; the caption and attention figures are skipped "
+              "(pass --tokenizer to draw them)")
+        return None
+    if tokenizer.vocab_size < vocab_size:
+        print(f"note: the tokenizer has {tokenizer.vocab_size} ids, the model's text embedding "
+              f"{vocab_size}: predicted words are read among the tokenizer's {tokenizer.vocab_size}")
+    return tokenizer
+
+
 def make_batch(samples, tokenizer, text_len, transform):
-    """Tensors for the model: image (B, 3, H, W) normalised, text (B, T) ids (pad 0), pad (B, T) True = pad."""
+    """Tensors for the model: image (B, 3, H, W) normalised, text (B, T) ids (pad 0), pad (B, T)
+    True = pad; text and pad None without a tokenizer (no caption read)."""
     images = torch.stack([transform(s["image"]) for s in samples])
+    if tokenizer is None:
+        return dict(image=images, text=None, pad=None)
     encoded = [tokenizer.encode(s["caption"], text_len) for s in samples]
-    return dict(image=images, text=torch.stack([t for t, _ in encoded]), pad=torch.stack([m for _, m in encoded]))
+    return dict(image=images, text=torch.stack([t for t, _ in encoded]),
+                pad=torch.stack([m for _, m in encoded]))
 
 
 @contextmanager
@@ -192,14 +215,16 @@ def unnormalise_patches(pred, target):
 
 
 @torch.no_grad()
-def reconstruct(model, images=None, text=None, pad=None, image_noise=None, text_noise=None):
+def reconstruct(model, images=None, text=None, pad=None, image_noise=None, text_noise=None,
+                vocab_size=None):
     """One masked forward pass with fixed noise; any modality may be None (image-only / text-only modes).
 
     Returns a dict (image entries None without images, text entries None without text):
       pasted (B, 3, H, W): the input on visible patches, exactly; the prediction on removed ones
       prediction (B, 3, H, W): the prediction on every patch
       image_mask (B, N) float, 1 = removed; image_mse (B,): the training image loss (on removed patches)
-      text_mask (B, T) float, 1 = removed; text_pred (B, T): top-1 ids; text_logits (B, T, V)
+      text_mask (B, T) float, 1 = removed; text_pred (B, T): top-1 ids among the first vocab_size
+      (the tokenizer's; None: all); text_logits (B, T, V)
     Images are in the normalised space they came in. With config.norm_pix_loss the prediction is un-normalised
     with each original patch's mean/std first (unnormalise_patches); image_mse stays in the loss's own space.
     """
@@ -221,8 +246,9 @@ def reconstruct(model, images=None, text=None, pad=None, image_noise=None, text_
         res.update(pasted=unpatchify(pasted, c.patch_size).cpu(), prediction=unpatchify(pred, c.patch_size).cpu(),
                    image_mask=mask.cpu())
     if text is not None:
-        res.update(text_mask=out["text_mask"].cpu(), text_logits=out["text_logits"].float().cpu(),
-                   text_pred=out["text_logits"].argmax(dim=-1).cpu())
+        logits = out["text_logits"].float().cpu()
+        res.update(text_mask=out["text_mask"].cpu(), text_logits=logits,
+                   text_pred=logits[..., :vocab_size].argmax(dim=-1))
     return res
 
 
@@ -402,9 +428,11 @@ CAPTION_TEXT = 2  # own caption, other caption
 TEXT_ITEM_LINES = 2  # lines per text item (longer captions end in "...")
 
 
-def recon_layout(n, S):
-    """n rows of five S x S cells with labels above and RECON_TEXT two-line text items below."""
-    return grid_layout(TITLE_LINES, [S] * 5, [LABEL_H + S + 6 + RECON_TEXT * TEXT_ITEM_LINES * LINE + GAP] * n)
+def recon_layout(n, S, text=True):
+    """n rows of five S x S cells with labels above and RECON_TEXT two-line text items below; without
+    text (no tokenizer), four cells and nothing below."""
+    below = RECON_TEXT * TEXT_ITEM_LINES * LINE if text else 0
+    return grid_layout(TITLE_LINES, [S] * (5 if text else 4), [LABEL_H + S + 6 + below + GAP] * n)
 
 
 def caption_layout(n, S, other=True):
@@ -553,18 +581,21 @@ def text_item(draw, x, y, width, label, chips, label_w=150):
     draw_chips(draw, x + label_w, y, width - label_w, chips or [("(no caption)", GREY, True)])
 
 
-def save(canvas, path, true_colour=False):
+def save(canvas, path, true_colour=False, folder=None):
     """PNG; 256 colours unless true_colour (the noisy images make true-colour PNGs about 4 times larger). The
     palette: the drawing's own colours exactly (mask grey, text colours), the rest chosen by maximum coverage,
-    not median cut: median cut spends its colours on large areas and turned a small yellow shape orange."""
+    not median cut: median cut spends its colours on large areas and turned a small yellow shape orange.
+    Written atomically, and listed in FOLDER/outputs.txt when inside FOLDER (evalcommon.write_output)."""
     if not true_colour:
         fixed = [(255, 255, 255), (0, 0, 0), MASK_GREY, GREEN, RED, BLUE, GREY, BAR_BLUE, PATCH_BOX]
         free = canvas.quantize(256 - len(fixed), method=Image.Quantize.MAXCOVERAGE, dither=Image.Dither.NONE)
         palette = Image.new("P", (1, 1))
         palette.putpalette(free.getpalette()[: 3 * (256 - len(fixed))] + [v for c in fixed for v in c])
         canvas = canvas.quantize(palette=palette, dither=Image.Dither.NONE)  # each pixel -> its nearest colour
-    canvas.save(path, optimize=True)
-    return path
+    try:
+        return write_output(path, lambda f: canvas.save(f, format="PNG", optimize=True), folder=folder)
+    except OSError as e:
+        raise SystemExit(f"{path} not written: {e.strerror or e}") from None
 
 
 # -----------------------------------------------------------------------------
@@ -584,42 +615,56 @@ def header(what, ctx, extra):
 
 
 def figure_recon(model, tokenizer, batch, noise, view, ctx, samples):
-    """Reconstructions: paired, image-only and text-only, with the same noise for each."""
+    """Reconstructions: paired, image-only and text-only, with the same noise for each; without a
+    tokenizer (no caption read) the image-only one alone."""
     c = model.config
     images, text, pad = batch["image"], batch["text"], batch["pad"]
-    paired = reconstruct(model, images, text, pad, *noise)
     image_only = reconstruct(model, images, image_noise=noise[0])
-    text_only = reconstruct(model, text=text, pad=pad, text_noise=noise[1])
-    norm_pix = ("; norm_pix targets: predictions un-normalised with each ORIGINAL patch's mean/std (as mae's "
-                "visualisation; it borrows those from the hidden image)") if c.norm_pix_loss else ""
-    title = header("Masked reconstruction (image and caption)", ctx, [
-        f"image mask {c.image_mask_ratio:g}, text mask {c.text_mask_ratio:g} (padding slots counted, as in "
-        f"training); MSE = training image loss on removed patches{norm_pix}",
-        "text: removed slots blue in the caption, blanks in the masked caption; [top-1 prediction] green = right, "
-        "red = wrong (M3AE: image + visible words; text-only: no image)"])
+    norm_pix = ("; norm_pix targets: predictions un-normalised with each ORIGINAL patch's mean/std "
+                "(as mae's visualisation; it borrows those from the hidden image)"
+                if c.norm_pix_loss else "")
+    if text is None:
+        paired, lines = image_only, [
+            f"image mask {c.image_mask_ratio:g}; MSE = training image loss on removed "
+            f"patches{norm_pix}", "no caption read (no tokenizer): image-only mode, MAE's"]
+    else:
+        vocab = tokenizer.vocab_size  # predictions are read among the tokenizer's ids
+        paired = reconstruct(model, images, text, pad, *noise, vocab_size=vocab)
+        text_only = reconstruct(model, text=text, pad=pad, text_noise=noise[1], vocab_size=vocab)
+        acc_paired = text_accuracy(text, pad, paired["text_mask"], paired["text_pred"])
+        acc_text = text_accuracy(text, pad, text_only["text_mask"], text_only["text_pred"])
+        lines = [f"image mask {c.image_mask_ratio:g}, text mask {c.text_mask_ratio:g} (padding "
+                 f"slots counted, as in training); MSE = training image loss on removed "
+                 f"patches{norm_pix}",
+                 "text: removed slots blue in the caption, blanks in the masked caption; [top-1 "
+                 "prediction] green = right, red = wrong (M3AE: image + visible words; text-only: "
+                 "no image)"]
+    title = header("Masked reconstruction (image and caption)", ctx, lines)
     S, n = view.S, len(images)
-    lay = recon_layout(n, S)
+    lay = recon_layout(n, S, text=text is not None)
     canvas, draw = new_canvas(lay, title)
-    acc_paired = text_accuracy(text, pad, paired["text_mask"], paired["text_pred"])
-    acc_text = text_accuracy(text, pad, text_only["text_mask"], text_only["text_pred"])
     for i in range(n):
         y, mask = lay.row_y[i], paired["image_mask"][i]
         original = view.pil(images[i])
         cells = [(samples[i]["name"], original),
-                 (f"masked input ({int(mask.sum())}/{len(mask)} removed)", grey_out(original, mask, c.grid_size)),
-                 (f"reconstruction + visible (MSE {paired['image_mse'][i]:.3f})", view.pil(paired["pasted"][i])),
-                 ("raw prediction, every patch", view.pil(paired["prediction"][i])),
-                 (f"image-only, no caption (MSE {image_only['image_mse'][i]:.3f})", view.pil(image_only["pasted"][i]))]
+                 (f"masked input ({int(mask.sum())}/{len(mask)} removed)",
+                  grey_out(original, mask, c.grid_size)),
+                 (f"reconstruction + visible (MSE {paired['image_mse'][i]:.3f})",
+                  view.pil(paired["pasted"][i])),
+                 ("raw prediction, every patch", view.pil(paired["prediction"][i]))]
+        if text is not None:
+            cells.append((f"image-only, no caption (MSE {image_only['image_mse'][i]:.3f})",
+                          view.pil(image_only["pasted"][i])))
         for (label, img), x in zip(cells, lay.col_x):
             cell(canvas, draw, x, y, label, img)
+        if text is None:
+            continue
         x, ty, width = lay.col_x[0], y + LABEL_H + S + 6, lay.size[0] - 2 * MARGIN
         removed = paired["text_mask"][i].bool()
-        items = [("caption:", token_chips(tokenizer, text[i], pad[i], removed)),
-                 ("masked caption:", token_chips(tokenizer, text[i], pad[i], removed, blank=True)),
-                 ("M3AE (%d/%d right):" % acc_paired[i],
-                  token_chips(tokenizer, text[i], pad[i], removed, pred=paired["text_pred"][i])),
-                 ("text-only (%d/%d):" % acc_text[i],
-                  token_chips(tokenizer, text[i], pad[i], removed, pred=text_only["text_pred"][i]))]
+        chips = lambda **k: token_chips(tokenizer, text[i], pad[i], removed, **k)
+        items = [("caption:", chips()), ("masked caption:", chips(blank=True)),
+                 ("M3AE (%d/%d right):" % acc_paired[i], chips(pred=paired["text_pred"][i])),
+                 ("text-only (%d/%d):" % acc_text[i], chips(pred=text_only["text_pred"][i]))]
         for k, (label, chips) in enumerate(items):
             text_item(draw, x, ty + k * TEXT_ITEM_LINES * LINE, width, label, chips)
     return canvas
@@ -783,54 +828,60 @@ def figure_patch_attention(model, tokenizer, batch, view, ctx, samples, patches)
 
 def main(argv=None):
     args = get_args(argv)
-    model, ckpt = load_model(args.ckpt)
+    try:
+        model, ckpt = read_model(args.ckpt)
+    except CheckpointError as e:
+        die("viz.py", f"--ckpt {e}")
     model = model.to(args.device).eval()
     c = model.config
-    try:
-        tokenizer = checkpoint_tokenizer(ckpt, args.ckpt, args.tokenizer)
-    except ValueError as e:
-        raise SystemExit(f"viz.py: error: {e}") from None
+    tokenizer = load_tokenizer(args, ckpt, c.vocab_size)
     samples, source = load_samples(args, ckpt, c.image_size)
     mean, std = NORMS[args.norm] if args.norm != "auto" else checkpoint_norm(ckpt)
-    batch = make_batch(samples, tokenizer, c.text_len, data.EvalTransform(c.image_size, mean, std, args.crop_pct))
     view = View(mean, std, args.scale or max(1, 256 // c.image_size), c.image_size)
+    batch = make_batch(samples, tokenizer, c.text_len,
+                       data.EvalTransform(c.image_size, mean, std, args.crop_pct))
     noise = masking_noise(args.seed, len(samples), c.num_patches, c.text_len)
-    patches = [parse_patch(args.patch, c.grid_size) if args.patch else default_patch(s, c) for s in samples]
-    out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "viz")
-    os.makedirs(out_dir, exist_ok=True)
+    patches = [parse_patch(args.patch, c.grid_size) if args.patch else default_patch(s, c)
+               for s in samples]
+    run_dir = os.path.dirname(os.path.abspath(args.ckpt))
+    out_dir = args.out_dir or os.path.join(run_dir, "viz")
     ctx = dict(config=c, ckpt=ckpt, ckpt_path=args.ckpt, source=source, view=view, seed=args.seed)
     modes = MODES if args.mode == "all" else (args.mode,)
+    if tokenizer is None:
+        modes = [m for m in modes if m == "recon"]  # load_tokenizer said so
     written = {}
-    path = lambda name: os.path.join(out_dir, name)
+    png = lambda key, canvas, name: written.update(
+        {key: save(canvas, os.path.join(out_dir, name), args.true_colour, run_dir)})
 
     with mask_ratios(model, args.image_mask_ratio, args.text_mask_ratio):
         ctx["config"] = model.config  # the titles report the ratios actually used
         if "recon" in modes:
-            canvas = figure_recon(model, tokenizer, batch, noise, view, ctx, samples)
-            written["recon"] = save(canvas, path("recon.png"), args.true_colour)
+            png("recon", figure_recon(model, tokenizer, batch, noise, view, ctx, samples),
+                "recon.png")
         if "caption" in modes:
             other = other_captions(samples, args.other_caption)
             if other is None:
-                print("caption effect: a single sample and no --other-caption, so no 'other caption' column (give "
-                      "--other-caption TEXT, or a second --image with its --caption)")
+                print("caption effect: a single sample and no --other-caption, so no 'other "
+                      "caption' column (give --other-caption TEXT, or a second --image with its "
+                      "--caption)")
             elif args.image and not args.caption and args.other_caption is None:
-                print("caption effect: the --image samples have no --caption, so the 'other caption' (the next "
-                      "image's) is empty too")
+                print("caption effect: the --image samples have no --caption, so the 'other "
+                      "caption' (the next image's) is empty too")
             canvas, mse = figure_caption(model, tokenizer, batch, noise, view, ctx, samples, other,
                                          args.caption_text_mask_ratio)
-            written["caption"] = save(canvas, path("caption_effect.png"), args.true_colour)
+            png("caption", canvas, "caption_effect.png")
             means = mse.mean(dim=0).tolist()
-            print(f"caption effect, MSE on removed patches (mean of {len(mse)}): own caption {means[0]:.4f} | no "
-                  f"caption {means[1]:.4f} | " + (f"other caption {means[2]:.4f}" if other is not None else
-                                                   "no other caption") +
-                  f" | own < none in {int((mse[:, 0] < mse[:, 1]).sum())}/{len(mse)} samples")
+            print(f"caption effect, MSE on removed patches (mean of {len(mse)}): own caption "
+                  f"{means[0]:.4f} | no caption {means[1]:.4f} | "
+                  + (f"other caption {means[2]:.4f}" if other is not None else "no other caption")
+                  + f" | own < none in {int((mse[:, 0] < mse[:, 1]).sum())}/{len(mse)} samples")
         if "attention" in modes:
-            canvas = figure_word_attention(model, tokenizer, batch, view, ctx, samples, args.word)
-            written["attention_word"] = save(canvas, path("attention_word.png"), args.true_colour)
-            canvas = figure_patch_attention(model, tokenizer, batch, view, ctx, samples, patches)
-            written["attention_patch"] = save(canvas, path("attention_patch.png"), args.true_colour)
-    for name, p in written.items():
-        print(f"{name}: {p}")
+            png("attention_word", figure_word_attention(model, tokenizer, batch, view, ctx, samples,
+                                                        args.word), "attention_word.png")
+            png("attention_patch", figure_patch_attention(model, tokenizer, batch, view, ctx,
+                                                          samples, patches), "attention_patch.png")
+    for name, path in written.items():
+        print(f"{name}: {path}")
     return written
 
 

@@ -227,3 +227,87 @@ def test_path_flags_fail_loudly(run, tmp_path, capsys):
         line = capsys.readouterr().err.strip().splitlines()[-1]
         assert e.value.code == 2 and f"{flag} {argv[argv.index(flag) + 1]}: {problem}" in line, line
     assert not (tmp_path / "out").exists()
+
+
+# --- issue #24: no traceback for a bad input; touch only what the run wrote ---------------------------------
+
+
+def one_line_exit_2(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        viz.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_a_bad_ckpt_is_one_line_and_exit_2_never_unpickled(tmp_path, capsys):
+    from test_probe import bad_checkpoints
+
+    paths, marker = bad_checkpoints(tmp_path)
+    for what, path in paths.items():
+        assert str(path) in one_line_exit_2(capsys, ["--ckpt", str(path), "--out-dir", str(tmp_path / "o")]), what
+    assert not marker.exists() and not (tmp_path / "o").exists()
+
+
+def test_a_garbage_tokenizer_entry_is_one_line(run, tmp_path, capsys):
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    for entry in ({"kind": "sentencepiece", "blob": b"\x00garbage" * 50}, {"kind": "nonsense", "blob": b"x"},
+                  b"not a dict"):
+        torch.save(dict(ckpt, tokenizer=entry), tmp_path / "ckpt.pt")
+        err = one_line_exit_2(capsys, ["--ckpt", str(tmp_path / "ckpt.pt"), "--samples", "1"])
+        assert "tokenizer" in err, err
+    assert not (tmp_path / "viz").exists()
+
+
+def test_a_tokenizer_smaller_than_the_vocabulary_decodes_within_it(run, tmp_path, capsys):
+    # the checkpoint's text embedding has 256 ids; a vocab.txt of 8: every prediction must be one of those 8
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red",
+                                                   "circle"]) + "\n")
+    model, _ = load_model(run / "ckpt.pt")
+    with torch.no_grad():  # make the model predict ids the tokenizer does not have
+        model.text_head.bias[8:] += 100.0
+    torch.save(dict(torch.load(run / "ckpt.pt", weights_only=True), model=model.state_dict()), tmp_path / "c.pt")
+    written = viz.main(["--ckpt", str(tmp_path / "c.pt"), "--tokenizer", str(tmp_path / "vocab.txt"),
+                        "--samples", "1", "--mode", "recon"])
+    assert os.path.exists(written["recon"])
+    assert "8 ids" in capsys.readouterr().out  # said once, at load
+    from tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(tmp_path / "vocab.txt"))
+    batch = viz.make_batch([dict(caption="a red circle", image=Image.new("RGB", (64, 64)))], tok, 32,
+                           data.EvalTransform(64, builtin.BUILTIN_MEAN, builtin.BUILTIN_STD, crop_pct=1.0))
+    res = viz.reconstruct(model.eval(), batch["image"], batch["text"], batch["pad"], vocab_size=tok.vocab_size)
+    assert int(res["text_pred"].max()) < tok.vocab_size
+
+
+def test_no_tokenizer_needed_without_captions(run, tmp_path, capsys):
+    # an MAE baseline / an official checkpoint converted without a vocab: no tokenizer anywhere
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    ckpt.pop("tokenizer", None)
+    (tmp_path / "mae").mkdir()
+    torch.save(dict(ckpt, args=dict(ckpt.get("args", {}), no_text=True, tokenizer=None)), tmp_path / "mae" / "c.pt")
+    argv = ["--ckpt", str(tmp_path / "mae" / "c.pt"), "--samples", "2"]
+    written = viz.main(argv)
+    out = capsys.readouterr().out
+    assert set(written) == {"recon"} and os.path.exists(written["recon"])
+    notes = [line for line in out.splitlines() if "no tokenizer" in line]
+    assert len(notes) == 1 and "skipped" in notes[0], out
+    with Image.open(written["recon"]) as im:
+        assert im.size == viz.recon_layout(2, 256, text=False).size
+    builtin.Builtin("test", 1)[0]["image"].save(tmp_path / "a.png")
+    assert set(viz.main(argv[:2] + ["--image", str(tmp_path / "a.png")])) == {"recon"}
+    # asking for captions without a tokenizer: one line
+    err = one_line_exit_2(capsys, argv[:2] + ["--image", str(tmp_path / "a.png"), "--caption", "a red circle"])
+    assert "tokenizer" in err
+    err = one_line_exit_2(capsys, argv + ["--mode", "attention"])
+    assert "tokenizer" in err
+
+
+def test_the_pngs_are_recorded_next_to_the_checkpoint(run, tmp_path):
+    import rundir
+
+    written = viz.main(["--ckpt", str(run / "ckpt.pt"), "--samples", "1", "--mode", "recon"])
+    assert "viz/recon.png" in rundir.run_files(str(run))
+    assert not [n for n in os.listdir(run / "viz") if ".m3ae-tmp." in n]
+    viz.main(["--ckpt", str(run / "ckpt.pt"), "--samples", "1", "--mode", "recon", "--out-dir", str(tmp_path)])
+    assert written and "recon.png" not in rundir.run_files(str(run))
