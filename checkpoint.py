@@ -1,15 +1,18 @@
 """The checkpoint format, in one place: what a checkpoint holds, how it is written and read back.
 
 A checkpoint is a dict; every entry loads with torch.load(weights_only=True):
-  model, config          the state dict and the M3AEConfig fields (asdict): the model is rebuilt from these alone
+  model, config          the state dict and the M3AEConfig fields (asdict): the model is rebuilt
+                         from these alone
   args                   train.py's run settings (train.Run), when train.py wrote it
   data                   {"mean", "std", "source"}: the normalisation the encoder was trained with
-  tokenizer              {"kind", "blob"}: the tokenizer itself (tokenizer.py), so a checkpoint is self-contained
+  tokenizer              {"kind", "blob"}: the tokenizer itself (tokenizer.py), so a checkpoint is
+                         self-contained
   optimizer, step, epoch, batch_in_epoch, rng, fingerprint    train.py's resume state
 Older checkpoints lack `data` / `tokenizer`: checkpoint_norm and the scripts fall back to `args`.
 
-Writing (save_checkpoint): never with a NaN or an infinity; a temp file only this project names (TMP_MARK),
-fsync, read back, and only then it replaces ckpt.pt, whose previous version becomes ckpt_prev.pt.
+Writing (save_checkpoint): never with a NaN or an infinity; a temp file only this project names
+(TMP_MARK), fsync, read back, and only then it replaces ckpt.pt, whose previous version becomes
+ckpt_prev.pt.
 """
 
 import errno
@@ -25,10 +28,11 @@ from model import M3AE, M3AEConfig
 from tokenizer import load_tokenizer, tokenizer_from_bytes
 
 CKPT, PREV = "ckpt.pt", "ckpt_prev.pt"
-# Every temp file this project writes is "<final name>.m3ae-tmp.<pid>": a name no user file has, so that
-# removing a killed run's temp files can never touch anything else (tmp_path, is_our_tmp).
+# Every temp file this project writes is "<final name>.m3ae-tmp.<pid>": a name no user file has, so
+# that removing a killed run's temp files can never touch anything else (tmp_path, is_our_tmp).
 TMP_MARK = ".m3ae-tmp."
-NORMS = {"builtin": (builtin.BUILTIN_MEAN, builtin.BUILTIN_STD), "cc12m": (data.CC12M_MEAN, data.CC12M_STD),
+NORMS = {"builtin": (builtin.BUILTIN_MEAN, builtin.BUILTIN_STD),
+         "cc12m": (data.CC12M_MEAN, data.CC12M_STD),
          "imagenet": (data.IMAGENET_MEAN, data.IMAGENET_STD)}
 
 
@@ -55,9 +59,9 @@ def checkpoint_dict(model, **extra):
 
 
 def read(path, map_location="cpu", mmap=False):
-    """torch.load(weights_only=True) with a one-line CheckpointError for anything that is not a checkpoint
-    this project (or torch.save of plain tensors) wrote: a missing file, a folder, garbage, a pickle that would
-    run code."""
+    """torch.load(weights_only=True) with a one-line CheckpointError for anything that is not a
+    checkpoint this project (or torch.save of plain tensors) wrote: a missing file, a folder,
+    garbage, a pickle that would run code."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
     try:
@@ -68,22 +72,25 @@ def read(path, map_location="cpu", mmap=False):
             reason = "it holds Python objects beyond tensors (refused: loading it could run code)"
         raise CheckpointError(f"{path}: not a readable checkpoint: {reason}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise CheckpointError(f"{path}: not a checkpoint of this project (no model / config entry); "
-                              "convert.py turns official and mae checkpoints into one")
+        raise CheckpointError(f"{path}: not a checkpoint of this project (no model / config "
+                              "entry); convert.py turns official and mae checkpoints into one")
     return ckpt
 
 
 def model_config(ckpt, **overrides):
-    """The M3AEConfig a checkpoint was written with (fields this version does not know are refused)."""
+    """The M3AEConfig a checkpoint was written with (fields this version does not know are
+    refused)."""
     names = {f.name for f in fields(M3AEConfig)}
     unknown = set(ckpt["config"]) - names
     if unknown:
-        raise CheckpointError(f"the checkpoint's config has fields this code does not know: {sorted(unknown)}")
+        raise CheckpointError("the checkpoint's config has fields this code does not know: "
+                              f"{sorted(unknown)}")
     return M3AEConfig(**{**ckpt["config"], **overrides})
 
 
 def load_model(path, map_location="cpu", **config_overrides):
-    """Build an M3AE from a checkpoint written by train.py or convert.py. Returns (model, checkpoint)."""
+    """Build an M3AE from a checkpoint written by train.py or convert.py. Returns (model,
+    checkpoint)."""
     ckpt = read(path, map_location)
     model = M3AE(model_config(ckpt, **config_overrides))
     model.load_state_dict(ckpt["model"])
@@ -95,9 +102,9 @@ def load_model(path, map_location="cpu", **config_overrides):
 
 
 def checkpoint_norm(ckpt, real_data_default=False):
-    """(mean, std) the encoder was trained with: the checkpoint's `data` entry, else its train.py --data (the
-    built-in statistics for built-in runs, CC12M's for real data); with neither, CC12M's when evaluating on real
-    folders (real_data_default) and the built-in statistics otherwise."""
+    """(mean, std) the encoder was trained with: the checkpoint's `data` entry, else its train.py
+    --data (the built-in statistics for built-in runs, CC12M's for real data); with neither, CC12M's
+    when evaluating on real folders (real_data_default) and the built-in statistics otherwise."""
     if "data" in ckpt:
         return tuple(ckpt["data"]["mean"]), tuple(ckpt["data"]["std"])
     default = "cc12m" if real_data_default else "builtin"
@@ -110,26 +117,29 @@ def checkpoint_data_seed(ckpt):
 
 
 def checkpoint_data_level(ckpt):
-    """The built-in difficulty the checkpoint was pretrained on ("hard" for checkpoints older than the knob)."""
+    """The built-in difficulty the checkpoint was pretrained on ("hard" for checkpoints older than
+    the knob)."""
     return ckpt.get("args", {}).get("data_level", "hard")
 
 
 def pretraining_info(ckpt):
-    """What the checkpoint was trained with, for result files and the sweep table: the run's settings that
-    tell runs apart (train.py's args) and the model's masking and loss fields."""
+    """What the checkpoint was trained with, for result files and the sweep table: the run's
+    settings that tell runs apart (train.py's args) and the model's masking and loss fields."""
     a, c = ckpt.get("args", {}), ckpt.get("config", {})
-    run = {k: a[k] for k in ("steps", "seed", "no_text", "paired_share", "data", "data_seed", "data_level")
+    run = {k: a[k] for k in ("steps", "seed", "no_text", "paired_share", "data", "data_seed",
+                             "data_level")
            if k in a}
-    objective = {f.name: c[f.name] for f in fields(M3AEConfig) if f.name in c and not f.metadata["shape"]
-                 and f.metadata["resume"] == "fixed"}
+    objective = {f.name: c[f.name] for f in fields(M3AEConfig) if f.name in c
+                 and not f.metadata["shape"] and f.metadata["resume"] == "fixed"}
     return {**run, **objective}
 
 
 def checkpoint_tokenizer(ckpt, ckpt_path=None, override=None):
-    """The tokenizer of a checkpoint: `override` (a --tokenizer file of either kind) if given, else the one the
-    checkpoint carries (train.py and convert.py --tokenizer record it), else the file its run was told to use,
-    else tokenizer.model next to it. Raises ValueError (one line, the places tried) when there is none, or when
-    its vocabulary is larger than the model's text embedding."""
+    """The tokenizer of a checkpoint: `override` (a --tokenizer file of either kind) if given, else
+    the one the checkpoint carries (train.py and convert.py --tokenizer record it), else the file
+    its run was told to use, else tokenizer.model next to it. Raises ValueError (one line, the
+    places tried) when there is none, or when its vocabulary is larger than the model's text
+    embedding."""
     vocab = ckpt.get("config", {}).get("vocab_size")
     tried = []
     if override:
@@ -139,17 +149,19 @@ def checkpoint_tokenizer(ckpt, ckpt_path=None, override=None):
     else:
         tok = None
         tried = [ckpt.get("args", {}).get("tokenizer"),
-                 os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), "tokenizer.model") if ckpt_path else None]
+                 os.path.join(os.path.dirname(os.path.abspath(ckpt_path)),
+                              "tokenizer.model") if ckpt_path else None]
         for path in filter(None, tried):
             if os.path.exists(path):
                 tok = load_tokenizer(path)
                 break
         if tok is None:
-            raise ValueError(f"no tokenizer: the checkpoint carries none and none was found (tried "
-                             f"{[t for t in tried if t]}); pass --tokenizer (a sentencepiece .model or a vocab.txt)")
+            raise ValueError("no tokenizer: the checkpoint carries none and none was found (tried "
+                             f"{[t for t in tried if t]}); pass --tokenizer (a sentencepiece "
+                             ".model or a vocab.txt)")
     if vocab is not None and tok.vocab_size > vocab:
-        raise ValueError(f"the tokenizer has {tok.vocab_size} ids, the model's text embedding only {vocab}: not this "
-                         "checkpoint's tokenizer")
+        raise ValueError(f"the tokenizer has {tok.vocab_size} ids, the model's text embedding only "
+                         f"{vocab}: not this checkpoint's tokenizer")
     return tok
 
 
@@ -158,13 +170,15 @@ def checkpoint_tokenizer(ckpt, ckpt_path=None, override=None):
 
 
 class DiskFull(OSError):
-    """No space left while writing; the message is one line naming the folder and what is as it was."""
+    """No space left while writing; the message is one line naming the folder and what is as it
+    was."""
 
 
 def disk_full(e, folder):
-    """Whether exception `e` means the disk of `folder` is full: ENOSPC on it or on its cause (torch's writer
-    raises a RuntimeError without errno), or an OSError / RuntimeError with under 1 MiB left. Measure it
-    before the failed temp file is removed, or the free space it held hides the cause."""
+    """Whether exception `e` means the disk of `folder` is full: ENOSPC on it or on its cause
+    (torch's writer raises a RuntimeError without errno), or an OSError / RuntimeError with under 1
+    MiB left. Measure it before the failed temp file is removed, or the free space it held hides the
+    cause."""
     for x in (e, e.__cause__, e.__context__):
         if getattr(x, "errno", None) == errno.ENOSPC:
             return True
@@ -172,8 +186,8 @@ def disk_full(e, folder):
 
 
 def write_tmp(path, write, mode="wb"):
-    """Write through write(file) into path's temp file, fsync it; returns the temp file's path. On any failure
-    the temp file is removed, and a full disk raises DiskFull."""
+    """Write through write(file) into path's temp file, fsync it; returns the temp file's path. On
+    any failure the temp file is removed, and a full disk raises DiskFull."""
     tmp = tmp_path(path)
     try:
         with open(tmp, mode) as f:
@@ -188,13 +202,15 @@ def write_tmp(path, write, mode="wb"):
             os.remove(tmp)
         if full:
             raise DiskFull(errno.ENOSPC, f"no space left on the device of {folder} while writing "
-                           f"{os.path.basename(path)} ({shutil.disk_usage(folder).free >> 20} MiB free); "
-                           f"the file is as it was: free space, then run again (train.py: --resume)") from e
+                           f"{os.path.basename(path)} ({shutil.disk_usage(folder).free >> 20} MiB "
+                           "free); the file is as it was: free space, then run again (train.py: "
+                           "--resume)") from e
         raise
 
 
 def write_atomic(path, write, mode="wb"):
-    """write_tmp, then os.replace: a crash or a full disk leaves the old file as it was, no temp file behind."""
+    """write_tmp, then os.replace: a crash or a full disk leaves the old file as it was, no temp
+    file behind."""
     os.replace(write_tmp(path, write, mode), path)
 
 
@@ -223,19 +239,22 @@ def nonfinite(tensors):
 
 
 def save_checkpoint(ckpt, out_dir):
-    """Write ckpt to OUT_DIR/ckpt.pt safely: refuse non-finite weights or optimizer state; write a temp file,
-    fsync, read it back (write_atomic's write step); only then the old ckpt.pt becomes ckpt_prev.pt (a hard
-    link, so that ckpt.pt never goes missing) and the new one takes its place."""
+    """Write ckpt to OUT_DIR/ckpt.pt safely: refuse non-finite weights or optimizer state; write a
+    temp file, fsync, read it back (write_atomic's write step); only then the old ckpt.pt becomes
+    ckpt_prev.pt (a hard link, so that ckpt.pt never goes missing) and the new one takes its
+    place."""
     bad = nonfinite({"model": ckpt["model"], "optimizer": ckpt.get("optimizer", {})})
     path = os.path.join(out_dir, CKPT)
     if bad:
-        raise FloatingPointError(f"not saving a checkpoint with non-finite values ({', '.join(bad[:3])}"
-                                 f"{' ...' if len(bad) > 3 else ''}); the last good checkpoint is {path}")
+        raise FloatingPointError("not saving a checkpoint with non-finite values "
+                                 f"({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); the "
+                                 f"last good checkpoint is {path}")
 
     def write(f):
         torch.save(ckpt, f)
         f.flush()
-        if torch.load(f.name, map_location="cpu", weights_only=True, mmap=True).get("step") != ckpt.get("step"):
+        if (torch.load(f.name, map_location="cpu", weights_only=True, mmap=True).get("step")
+                != ckpt.get("step")):
             raise OSError(f"{f.name} did not read back as written")
 
     tmp = write_tmp(path, write)
@@ -251,7 +270,8 @@ def save_checkpoint(ckpt, out_dir):
 
 
 def set_aside(path):
-    """Rename a damaged file to <path>.corrupt (or .corrupt.1, .2, ...: an earlier one is never overwritten)."""
+    """Rename a damaged file to <path>.corrupt (or .corrupt.1, .2, ...: an earlier one is never
+    overwritten)."""
     target, n = path + ".corrupt", 0
     while os.path.exists(target):
         n += 1
@@ -261,9 +281,10 @@ def set_aside(path):
 
 
 def load_checkpoint(out_dir, map_location="cpu", aside=True):
-    """(checkpoint dict, file name) of the newest readable checkpoint in OUT_DIR, or (None, None) when there is
-    none. An unreadable one (truncated, corrupt) is set aside (by rank 0 alone: aside) with a message, and
-    the previous one is tried; CheckpointError when both exist and neither reads."""
+    """(checkpoint dict, file name) of the newest readable checkpoint in OUT_DIR, or (None, None)
+    when there is none. An unreadable one (truncated, corrupt) is set aside (by rank 0 alone: aside)
+    with a message, and the previous one is tried; CheckpointError when both exist and neither
+    reads."""
     damaged = []
     for name in (CKPT, PREV):
         path = os.path.join(out_dir, name)
@@ -277,6 +298,7 @@ def load_checkpoint(out_dir, map_location="cpu", aside=True):
             damaged.append(os.path.basename(moved))
             print(f"{path} cannot be read ({reason}); moved to {os.path.basename(moved)}")
     if damaged or any(n.startswith(CKPT + ".corrupt") for n in os.listdir(out_dir)):
-        raise CheckpointError(f"no readable checkpoint in {out_dir} (set aside: {', '.join(damaged) or CKPT + '.corrupt'}); "
+        raise CheckpointError(f"no readable checkpoint in {out_dir} (set aside: "
+                              f"{', '.join(damaged) or CKPT + '.corrupt'}); "
                               "--overwrite starts afresh")
     return None, None
