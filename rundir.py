@@ -1,18 +1,22 @@
 """An out-dir belongs to one run: train.py's bookkeeping of OUT_DIR, apart from the training loop.
 
-    OUT_DIR/.lock          held (flock) while a train.py runs there: a second run in the same out-dir stops at once
+    OUT_DIR/.lock          held (flock) while a train.py runs there: a second run in the same
+                           out-dir stops at once
     OUT_DIR/config.json    the run's settings (train.Run), model config and data fingerprint
-    OUT_DIR/ckpt.pt        the latest checkpoint; ckpt_prev.pt the one before it (checkpoint.py writes both)
+    OUT_DIR/ckpt.pt        the latest checkpoint; ckpt_prev.pt the one before it (checkpoint.py
+                           writes both)
     OUT_DIR/log.jsonl      one record per logged step (a resume drops the records it will replay)
     OUT_DIR/tokenizer.model or vocab.txt    the run's tokenizer
-    OUT_DIR/outputs.txt    what probe.py, ood.py and viz.py wrote here (so that --overwrite can remove it)
+    OUT_DIR/outputs.txt    what probe.py, ood.py and viz.py wrote here (so that --overwrite can
+                           remove it)
 
-Rules: nothing is written into OUT_DIR until every input was checked (check_out_dir, then claim). A new run
-refuses an out-dir that holds another run unless told --overwrite, which then deletes the files a run writes
-(the names above and those outputs.txt lists), never a file given as an input, and nothing else. Only temp
-files with this project's mark (checkpoint.TMP_MARK) are ever removed as leftovers of a killed run. --resume
-takes every setting the user does not repeat from the run's record and refuses a changed "fixed" one
-(util.resume_merge reads the rule from each setting's declaration).
+Rules: nothing is written into OUT_DIR until every input was checked (check_out_dir, then claim). A
+new run refuses an out-dir that holds another run unless told --overwrite, which then deletes the
+files a run writes (the names above and those outputs.txt lists), never a file given as an input,
+and nothing else. Only temp files with this project's mark (checkpoint.TMP_MARK) are ever removed as
+leftovers of a killed run. --resume takes every setting the user does not repeat from the run's
+record and refuses a changed "fixed" one (util.resume_merge reads the rule from each setting's
+declaration).
 """
 
 import fcntl
@@ -24,8 +28,8 @@ import torch
 
 from checkpoint import CKPT, PREV, DiskFull, is_our_tmp, write_atomic
 
-CONFIG, LOG, TOKENIZER, VOCAB, LOCK, OUTPUTS = ("config.json", "log.jsonl", "tokenizer.model", "vocab.txt",
-                                               ".lock", "outputs.txt")
+CONFIG, LOG, TOKENIZER, VOCAB, LOCK, OUTPUTS = ("config.json", "log.jsonl", "tokenizer.model",
+                                                "vocab.txt", ".lock", "outputs.txt")
 RUN_FILES = (CKPT, PREV, CONFIG, LOG, TOKENIZER, VOCAB, "probe.json", "curves.png", OUTPUTS)
 
 
@@ -38,7 +42,8 @@ class RunDirError(Exception):
 
 
 def run_files(out_dir):
-    """The files of a run present in OUT_DIR: the fixed names, and what outputs.txt lists (inside OUT_DIR)."""
+    """The files of a run present in OUT_DIR: the fixed names, and what outputs.txt lists (inside
+    OUT_DIR)."""
     names = [n for n in RUN_FILES if os.path.isfile(os.path.join(out_dir, n))]
     listed = os.path.join(out_dir, OUTPUTS)
     if os.path.isfile(listed):
@@ -52,8 +57,8 @@ def run_files(out_dir):
 
 
 def check_out_dir(out_dir, resume=False, overwrite=False):
-    """Read-only checks before any work: OUT_DIR (or the folder it will be made in) is a writable folder, and
-    holds no other run unless --resume or --overwrite says what to do with it."""
+    """Read-only checks before any work: OUT_DIR (or the folder it will be made in) is a writable
+    folder, and holds no other run unless --resume or --overwrite says what to do with it."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise RunDirError(f"--out-dir {out_dir} is a file, not a folder")
     parent = out_dir
@@ -63,14 +68,16 @@ def check_out_dir(out_dir, resume=False, overwrite=False):
         raise RunDirError(f"--out-dir {out_dir}: {parent} is not writable by this user")
     present = run_files(out_dir) if os.path.isdir(out_dir) else []
     if present and not (resume or overwrite):
-        raise RunDirError(f"--out-dir {out_dir} already holds a run ({', '.join(present[:6])}): pass --resume to "
-                          f"continue it, --overwrite to delete it and start afresh, or choose another --out-dir")
+        raise RunDirError(f"--out-dir {out_dir} already holds a run ({', '.join(present[:6])}): "
+                          "pass --resume to continue it, --overwrite to delete it and start "
+                          "afresh, or choose another --out-dir")
 
 
 def claim(out_dir, overwrite=False, inputs=()):
-    """Lock OUT_DIR for this process (released when it exits, even by kill -9), remove this project's temp files
-    of killed runs, and with --overwrite delete the previous run's files, except any of `inputs` (paths the
-    user passed in). Returns the open lock file: keep it alive for the whole run."""
+    """Lock OUT_DIR for this process (released when it exits, even by kill -9), remove this
+    project's temp files of killed runs, and with --overwrite delete the previous run's files,
+    except any of `inputs` (paths the user passed in). Returns the open lock file: keep it alive for
+    the whole run."""
     os.makedirs(out_dir, exist_ok=True)
     lock = open(os.path.join(out_dir, LOCK), "a+")
     try:
@@ -79,8 +86,8 @@ def claim(out_dir, overwrite=False, inputs=()):
         lock.seek(0)
         holder = lock.read().strip() or "?"
         lock.close()
-        raise RunDirError(f"--out-dir {out_dir} is in use by another train.py (pid {holder}); one run per out-dir: "
-                          f"wait for it or choose another --out-dir") from None
+        raise RunDirError(f"--out-dir {out_dir} is in use by another train.py (pid {holder}); one "
+                          "run per out-dir: wait for it or choose another --out-dir") from None
     lock.seek(0)
     lock.truncate()
     lock.write(str(os.getpid()))
@@ -98,7 +105,8 @@ def claim(out_dir, overwrite=False, inputs=()):
 
 
 def record_output(folder, path):
-    """Note in FOLDER/outputs.txt that a script wrote `path` there (so that --overwrite removes it)."""
+    """Note in FOLDER/outputs.txt that a script wrote `path` there (so that --overwrite removes
+    it)."""
     rel = os.path.relpath(path, folder)
     listed = os.path.join(folder, OUTPUTS)
     if os.path.isfile(listed):
@@ -114,7 +122,8 @@ def record_output(folder, path):
 
 
 def file_fingerprint(path):
-    """(size, sha256 of the first 64 MiB): catches an edited or replaced file without reading a huge one whole."""
+    """(size, sha256 of the first 64 MiB): catches an edited or replaced file without reading a huge
+    one whole."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         h.update(f.read(64 << 20))
@@ -122,23 +131,27 @@ def file_fingerprint(path):
 
 
 def folder_fingerprint(folder):
-    """(file count, hash of the relative names and sizes); unreadable entries (dangling links) count as size -1."""
+    """(file count, hash of the relative names and sizes); unreadable entries (dangling links) count
+    as size -1."""
     listing = []
     for d, _, names in os.walk(folder):
         for f in names:
             path = os.path.join(d, f)
-            listing.append((os.path.relpath(path, folder), os.path.getsize(path) if os.path.exists(path) else -1))
+            listing.append((os.path.relpath(path, folder),
+                            os.path.getsize(path) if os.path.exists(path) else -1))
     listing.sort()
     return [len(listing), hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]]
 
 
 def data_fingerprint(files=None, shards=(), folders=None, tokenizer_bytes=None):
-    """What the run's data is, to compare at --resume, keyed by role (e.g. "csv"), never by where a file sits:
-    a run folder that is moved or copied still resumes. files, folders: {role: path or None}."""
+    """What the run's data is, to compare at --resume, keyed by role (e.g. "csv"), never by where a
+    file sits: a run folder that is moved or copied still resumes. files, folders: {role: path or
+    None}."""
     fp = {role: file_fingerprint(p) for role, p in (files or {}).items() if p}
     fp.update({role: folder_fingerprint(p) for role, p in (folders or {}).items() if p})
     if shards:
-        listing = [(os.path.basename(s), os.path.getsize(s) if os.path.exists(s) else -1) for s in shards]
+        listing = [(os.path.basename(s),
+                    os.path.getsize(s) if os.path.exists(s) else -1) for s in shards]
         fp["shards"] = [len(listing), hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]]
     if tokenizer_bytes is not None:
         fp["tokenizer"] = hashlib.sha256(tokenizer_bytes).hexdigest()[:16]
@@ -146,21 +159,24 @@ def data_fingerprint(files=None, shards=(), folders=None, tokenizer_bytes=None):
 
 
 def check_fingerprint(recorded, current):
-    """Refuse a resume whose data or tokenizer changed since the run started, naming each. A record of an older
-    version (keyed by absolute paths) cannot be compared: it is skipped, with a note."""
+    """Refuse a resume whose data or tokenizer changed since the run started, naming each. A record
+    of an older version (keyed by absolute paths) cannot be compared: it is skipped, with a note."""
     if any(os.path.isabs(k) for k in recorded):
-        print("note: the run's data fingerprint is of an older version (absolute paths); not compared")
+        print("note: the run's data fingerprint is of an older version (absolute paths); not "
+              "compared")
         return
-    diff = [f"{k} ({recorded.get(k)} -> {current.get(k)})" for k in sorted(set(recorded) | set(current))
-            if recorded.get(k) != current.get(k)]
+    diff = [f"{k} ({recorded.get(k)} -> {current.get(k)})"
+            for k in sorted(set(recorded) | set(current)) if recorded.get(k) != current.get(k)]
     if diff:
-        raise RunDirError(f"--resume: the run's data or tokenizer changed since it started: {'; '.join(diff[:5])}"
+        raise RunDirError("--resume: the run's data or tokenizer changed since it started: "
+                          f"{'; '.join(diff[:5])}"
                           + (f" and {len(diff) - 5} more" if len(diff) > 5 else ""))
 
 
 def recorded(out_dir):
-    """What the run in OUT_DIR recorded, {"run": settings, "model": config} (its checkpoint's, else its
-    config.json's), or None. A record of an older version (settings under "args") is read the same way."""
+    """What the run in OUT_DIR recorded, {"run": settings, "model": config} (its checkpoint's, else
+    its config.json's), or None. A record of an older version (settings under "args") is read the
+    same way."""
     for name in (CKPT, PREV, CONFIG):
         path = os.path.join(out_dir, name)
         if not os.path.isfile(path):
@@ -186,7 +202,8 @@ def write_config(out_dir, record):
 
 
 def read_log(out_dir):
-    """The records of OUT_DIR/log.jsonl; a line that does not parse (cut by a full disk or a kill) is dropped."""
+    """The records of OUT_DIR/log.jsonl; a line that does not parse (cut by a full disk or a kill)
+    is dropped."""
     path = os.path.join(out_dir, LOG)
     records = []
     if os.path.isfile(path):
@@ -200,19 +217,21 @@ def read_log(out_dir):
 
 
 def trim_log(out_dir, step):
-    """Keep the log records of steps <= step (a resume replays the steps after its checkpoint), dropping a cut
-    line; written atomically."""
+    """Keep the log records of steps <= step (a resume replays the steps after its checkpoint),
+    dropping a cut line; written atomically."""
     if os.path.isfile(os.path.join(out_dir, LOG)):
         keep = [r for r in read_log(out_dir) if r.get("step", 0) <= step]
-        write_atomic(os.path.join(out_dir, LOG), lambda f: f.writelines(json.dumps(r) + "\n" for r in keep), "w")
+        write_atomic(os.path.join(out_dir, LOG),
+                     lambda f: f.writelines(json.dumps(r) + "\n" for r in keep), "w")
 
 
 def append_log(log_file, record):
-    """One record per line; a full disk says so in one line (the cut line is dropped at --resume)."""
+    """One record per line; a full disk says so in one line (the cut line is dropped at
+    --resume)."""
     try:
         log_file.write(json.dumps(record) + "\n")
         log_file.flush()
     except OSError as e:
         folder = os.path.dirname(os.path.abspath(log_file.name))
-        raise DiskFull(e.errno, f"cannot write {log_file.name}: {e.strerror}; free space in {folder}, then "
-                       "--resume (a cut last line is dropped)") from e
+        raise DiskFull(e.errno, f"cannot write {log_file.name}: {e.strerror}; free space in "
+                       f"{folder}, then --resume (a cut last line is dropped)") from e
