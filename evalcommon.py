@@ -283,8 +283,7 @@ def folder_name(path):
 
 
 def folder_identity(root):
-    """A folder's identity for the feature cache key: its path and every image's (path, size,
-    mtime)."""
+    """A folder's identity for the feature cache key: its path, each image's path, size, mtime."""
     h = hashlib.sha256(os.path.abspath(root).encode())
     for path in data._image_files(root):
         st = os.stat(path)

@@ -1,30 +1,34 @@
-"""See what a pretrained M3AE does: masked reconstructions, the caption's effect, attention maps — one flat script.
+"""See what a pretrained M3AE does: masked reconstructions, the caption's effect, attention maps.
 
-    python viz.py --ckpt runs/default/ckpt.pt                                # every figure, 4 built-in test samples
+    python viz.py --ckpt runs/default/ckpt.pt           # every figure, 4 built-in test samples
     python viz.py --ckpt runs/default/ckpt.pt --mode recon --samples 6 --first 10
     python viz.py --ckpt runs/default/ckpt.pt --mode attention --word circle --patch 3,4
-    python viz.py --ckpt runs/default/ckpt.pt --image cat.jpg --caption "a cat on a sofa" --other-caption "a red car"
+    python viz.py --ckpt ckpt.pt --image cat.jpg --caption "a cat on a sofa" --other-caption "a car"
 
-Figures (PNG, drawn with PIL alone; images scaled up nearest-neighbour so that 64 px stays legible), written to
---out-dir (default: viz/ next to the checkpoint), one row per sample:
-  recon.png            original | masked input (removed patches grey) | reconstruction with the visible patches
-                       pasted back | the raw prediction (every patch) | the image-only reconstruction (no caption:
-                       MAE's mode). Below: the caption (removed slots in blue), the masked caption (removed slots
-                       as blanks), and the model's top-1 word for each removed slot in [brackets] (green = right,
+Figures (PNG, drawn with PIL alone; images scaled up nearest-neighbour so that 64 px stays legible)
+in --out-dir (default: viz/ next to the checkpoint, listed in its outputs.txt), a row per sample:
+  recon.png            original | masked input (removed patches grey) | reconstruction with the
+                       visible patches pasted back | the raw prediction (every patch) | the
+                       image-only reconstruction (no caption: MAE's mode). Below: the caption
+                       (removed slots in blue), the masked caption (removed slots as blanks), and
+                       the model's top-1 word for each removed slot in [brackets] (green = right,
                        red = wrong), paired and text-only (no image).
-  caption_effect.png   the same masked image (the same noise) reconstructed with its own caption, with no caption
-                       and with another caption, each with its MSE on the removed patches: does the text inform
-                       the image (the paper's claim), and by how much.
-  attention_word.png   as the paper's Figure 7: one word's attention over the image patches, per encoder layer
-                       (averaged over heads) and the last layer larger, overlaid on the image.
-  attention_patch.png  as the paper's Figure 8: one patch's attention over the caption's words, per layer (a heat
-                       table) and the last layer (bars).
+  caption_effect.png   the same masked image (the same noise) reconstructed with its own caption,
+                       with no caption and with another caption, each with its MSE on the removed
+                       patches: does the text inform the image (the paper's claim), and how much.
+  attention_word.png   as the paper's Figure 7: one word's attention over the image patches, per
+                       encoder layer (averaged over heads), the last layer larger, on the image.
+  attention_patch.png  as the paper's Figure 8: one patch's attention over the caption's words, per
+                       layer (a heat table) and the last layer (bars).
+Without a tokenizer (an MAE baseline, a checkpoint converted without a vocab) no caption is read:
+recon.png shows the images alone, and the caption and attention figures are skipped.
 
-Conventions (model.py's): images normalised with the pretraining data's mean/std, a row-major patch grid,
-masks 1 = removed, key padding True = pad. Masking noise comes from a torch.Generator seeded with --seed, so a
-figure is reproducible. Reconstruction errors are the training image loss (model.patch_mse) on removed patches.
-Attention maps read the encoder on the whole, unmasked input (as the paper's figures do), through
-model.attention_maps (the math attention path: SDPA and the fused kernel never form the weights).
+Conventions (model.py's): images normalised with the pretraining data's mean/std, a row-major patch
+grid, masks 1 = removed, key padding True = pad. Masking noise comes from a torch.Generator seeded
+with --seed, so a figure is reproducible. Reconstruction errors are the training image loss
+(model.patch_mse) on removed patches. Attention maps read the encoder on the whole, unmasked input
+(as the paper's figures do), through model.attention_maps (the math path: SDPA and the fused kernel
+never form the weights).
 """
 
 import argparse
@@ -47,12 +51,15 @@ from util import make_parser, masking_noise
 
 MODES = ("recon", "caption", "attention")  # "all" runs the three; "attention" writes two files
 
-# Default word for the word-attention map: the first word that names a shape in the built-in vocabulary (the
-# label's word, what Figure 7 shows), else the first word that is not one of these stop words.
-SHAPE_NAMES = ({w for names in builtin.SHAPE_WORDS.values() for name in names for w in name.split()} - {
-    "shape", "round", "five-pointed", "v", "bow", "lightning", "sign"}) | set(builtin.GENERIC_WORDS)
-STOP_WORDS = {"a", "an", "the", "there", "is", "are", "of", "on", "in", "at", "with", "and", "to", "near", "next",
-              "over", "by", "its", "it", "this", "that", "some", "photo", "picture", "image"}
+# Default word for the word-attention map: the first word that names a shape in the built-in
+# vocabulary (the label's word, what Figure 7 shows), else the first word that is not one of these
+# stop words.
+SHAPE_NAMES = ({w for names in builtin.SHAPE_WORDS.values() for name in names for w in name.split()}
+               - {"shape", "round", "five-pointed", "v", "bow", "lightning", "sign"}
+               | set(builtin.GENERIC_WORDS))
+STOP_WORDS = {"a", "an", "the", "there", "is", "are", "of", "on", "in", "at", "with", "and", "to",
+              "near", "next", "over", "by", "its", "it", "this", "that", "some", "photo", "picture",
+              "image"}
 
 # -----------------------------------------------------------------------------
 # arguments
@@ -61,44 +68,52 @@ STOP_WORDS = {"a", "an", "the", "there", "is", "are", "of", "on", "in", "at", "w
 def build_parser():
     p = make_parser(__doc__, prog="viz.py")
     a = p.add_argument
-    a("--ckpt", required=True, default=argparse.SUPPRESS, help="checkpoint file from train.py or convert.py (a "
-      "dict with 'model' and 'config'); required")
-    a("--tokenizer", help="a sentencepiece .model or BERT vocab.txt; if not given, the one the checkpoint carries, "
-      "else the run's --tokenizer, else tokenizer.model next to the checkpoint")
-    a("--mode", default="all", choices=[*MODES, "all"], help="which figures: recon, caption (the caption's "
-      "effect), attention (word -> patches and patch -> words), or all")
+    a("--ckpt", required=True, default=argparse.SUPPRESS, help="checkpoint file from train.py or "
+      "convert.py (a dict with 'model' and 'config'); required")
+    a("--tokenizer", help="a sentencepiece .model or BERT vocab.txt; if not given, the one the "
+      "checkpoint carries, else the run's --tokenizer, else tokenizer.model next to the checkpoint")
+    a("--mode", default="all", choices=[*MODES, "all"], help="which figures: recon, caption (the "
+      "caption's effect), attention (word -> patches and patch -> words), or all")
     a("--out-dir", help="where the PNGs go; if not given, viz/ next to the checkpoint")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (CPU is enough: "
-      "a few forward passes)")
-    a("--seed", type=int, default=0, help="masking noise: the same seed gives the same masks and figures")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (CPU "
+      "is enough: a few forward passes)")
+    a("--seed", type=int, default=0, help="masking noise: the same seed gives the same masks and "
+      "figures")
     # what to show
     a("--samples", type=int, default=4, help="built-in data: how many samples (one row each)")
     a("--first", type=int, default=0, help="built-in data: index of the first sample")
-    a("--split", default="test", choices=list(builtin.Builtin.SPLITS), help="built-in data: which split")
-    a("--data-seed", type=int, help="built-in data: which procedural dataset; if not given, the checkpoint's")
-    a("--data-level", choices=list(builtin.LEVELS), help="built-in data: difficulty; if not given, the "
+    a("--split", default="test", choices=list(builtin.Builtin.SPLITS), help="built-in data: which "
+      "split")
+    a("--data-seed", type=int, help="built-in data: which procedural dataset; if not given, the "
       "checkpoint's")
-    a("--image", action="append", help="an image file to show (repeatable); if not given, built-in samples")
-    a("--caption", action="append", help="its caption (repeatable, one per --image); if not given, no caption")
-    a("--other-caption", help="caption mode: the 'different caption' for every sample; if not given, the next "
-      "sample's caption (the next --image's), and none at all for a single sample")
-    a("--word", help="attention: the word whose attention over the image is drawn; if not given, the first word "
-      "naming a shape, else the first word that is not a stop word")
-    a("--patch", help="attention: ROW,COL of the patch whose attention over the words is drawn (0-based); if not "
-      "given, the patch under the main object's centre on built-in data, the centre patch otherwise")
+    a("--data-level", choices=list(builtin.LEVELS), help="built-in data: difficulty; if not given, "
+      "the checkpoint's")
+    a("--image", action="append", help="an image file to show (repeatable); if not given, built-in "
+      "samples")
+    a("--caption", action="append", help="its caption (repeatable, one per --image); if not given, "
+      "no caption")
+    a("--other-caption", help="caption mode: the 'different caption' for every sample; if not "
+      "given, the next sample's caption (the next --image's), and none at all for a single sample")
+    a("--word", help="attention: the word whose attention over the image is drawn; if not given, "
+      "the first word naming a shape, else the first word that is not a stop word")
+    a("--patch", help="attention: ROW,COL of the patch whose attention over the words is drawn "
+      "(0-based); if not given, the patch under the main object's centre on built-in data, the "
+      "centre patch otherwise")
     # masking and view
-    a("--image-mask-ratio", type=float, help="fraction of patches removed; if not given, the checkpoint's")
-    a("--text-mask-ratio", type=float, help="recon: fraction of text slots removed, padding counted as in "
-      "training; if not given, the checkpoint's")
-    a("--caption-text-mask-ratio", type=float, default=0.0, help="caption mode: fraction of text slots removed "
-      "(0: the whole caption is visible, so the image sees everything the text says)")
-    a("--norm", default="auto", choices=["auto", *NORMS], help="normalisation statistics; auto = those the "
-      "checkpoint was pretrained with (builtin or cc12m)")
-    a("--crop-pct", type=float, default=1.0, help="--image: centre crop of the shorter side before resizing")
-    a("--scale", type=int, help="display magnification of the images; if not given, up to 256 px (e.g. 4 x 64 "
-      "px)")
-    a("--true-colour", action="store_true", help="save true-colour PNGs (else 256 colours, about 4 times "
-      "smaller; the drawing's own colours exact, image pixels within ~35/255)")
+    a("--image-mask-ratio", type=float, help="fraction of patches removed; if not given, the "
+      "checkpoint's")
+    a("--text-mask-ratio", type=float, help="recon: fraction of text slots removed, padding "
+      "counted as in training; if not given, the checkpoint's")
+    a("--caption-text-mask-ratio", type=float, default=0.0, help="caption mode: fraction of text "
+      "slots removed (0: the whole caption is visible, so the image sees everything the text says)")
+    a("--norm", default="auto", choices=["auto", *NORMS], help="normalisation statistics; auto = "
+      "those the checkpoint was pretrained with (builtin or cc12m)")
+    a("--crop-pct", type=float, default=1.0, help="--image: centre crop of the shorter side before "
+      "resizing")
+    a("--scale", type=int, help="display magnification of the images; if not given, up to 256 px "
+      "(e.g. 4 x 64 px)")
+    a("--true-colour", action="store_true", help="save true-colour PNGs (else 256 colours, about 4 "
+      "times smaller; the drawing's own colours exact, image pixels within ~35/255)")
     return p
 
 
@@ -108,17 +123,19 @@ def get_args(argv=None):
     if args.caption and not args.image:
         p.error("--caption goes with --image")
     if args.image and args.caption and len(args.caption) != len(args.image):
-        p.error(f"give one --caption per --image ({len(args.image)} images, {len(args.caption)} captions)")
+        p.error(f"give one --caption per --image ({len(args.image)} images, "
+                f"{len(args.caption)} captions)")
     if args.samples < 1:
         p.error("--samples must be >= 1")
     check_file(p, "--ckpt", args.ckpt, "a checkpoint from train.py or convert.py")
     if args.tokenizer:
-        check_file(p, "--tokenizer", args.tokenizer, "a sentencepiece .model, e.g. tokenizer.model next to the "
-                   "checkpoint")
+        check_file(p, "--tokenizer", args.tokenizer,
+                   "a sentencepiece .model, e.g. tokenizer.model next to the checkpoint")
     for path in args.image or []:
         check_file(p, "--image", path, "an image file")
         if not path.lower().endswith(data.IMAGE_EXTENSIONS):
-            p.error(f"--image {path}: not an image file name (one of {' '.join(data.IMAGE_EXTENSIONS)})")
+            exts = " ".join(data.IMAGE_EXTENSIONS)
+            p.error(f"--image {path}: not an image file name (one of {exts})")
     if args.out_dir and os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         p.error(f"--out-dir {args.out_dir}: exists and is not a folder")
     return args
@@ -129,9 +146,9 @@ def get_args(argv=None):
 
 
 def load_samples(args, ckpt, image_size):
-    """(samples, description). A sample is dict(image=PIL RGB, caption=str, name=str, label=int or None,
-    box=(x0, y0, x1, y1) of the main object in image pixels, or None). --image files if given, else built-in
-    samples."""
+    """(samples, description). A sample is dict(image=PIL RGB, caption=str, name=str, label=int or
+    None, box=(x0, y0, x1, y1) of the main object in image pixels, or None). --image files if given,
+    else built-in samples."""
     if args.image:
         captions = args.caption or [""] * len(args.image)
         samples = []
@@ -140,24 +157,26 @@ def load_samples(args, ckpt, image_size):
                 image = data.load_image(path, image_size)
             except data.SkipSample as e:
                 raise SystemExit(f"{path}: cannot read the image ({e.reason})") from None
-            samples.append(dict(image=image, caption=caption, name=os.path.basename(path), label=None, box=None))
+            samples.append(dict(image=image, caption=caption, name=os.path.basename(path),
+                                label=None, box=None))
         return samples, f"{len(samples)} image(s) from --image"
     seed = args.data_seed if args.data_seed is not None else checkpoint_data_seed(ckpt)
     level = args.data_level or checkpoint_data_level(ckpt)
-    source = builtin.Builtin(args.split, args.first + args.samples, image_size, seed=seed, level=level)
+    last = args.first + args.samples - 1
+    source = builtin.Builtin(args.split, last + 1, image_size, seed=seed, level=level)
     samples = []
     for i in range(args.first, args.first + args.samples):
         s = source[i]
         samples.append(dict(image=s["image"], caption=s["caption"], box=s["box"], label=s["label"],
                             name=f"{args.split} #{i} ({source.classes[s['label']]})"))
-    return samples, f"built-in {args.split} samples {args.first}-{args.first + args.samples - 1} (data seed {seed})"
+    return samples, f"built-in {args.split} samples {args.first}-{last} (data seed {seed})"
 
 
 def load_tokenizer(args, ckpt, vocab_size):
-    """The checkpoint's tokenizer (checkpoint.checkpoint_tokenizer), or None when there is none to be
-    found (an MAE baseline, an official checkpoint converted without a vocab): then no caption is
-    read, and only image figures are drawn. A tokenizer that is there but unusable, or captions asked
-    for without one, ends the run in one line. Predicted words are read among the tokenizer's ids."""
+    """The checkpoint's tokenizer (checkpoint.checkpoint_tokenizer), or None when there is none to
+    be found (an MAE baseline, an official checkpoint converted without a vocab): then no caption is
+    read and only image figures are drawn. A tokenizer that is there but unusable, or captions
+    asked for without one, ends the run in one line."""
     try:
         tokenizer = checkpoint_tokenizer(ckpt, args.ckpt, args.tokenizer)
     except (ValueError, TypeError, KeyError, AttributeError) as e:
@@ -174,7 +193,7 @@ def load_tokenizer(args, ckpt, vocab_size):
         return None
     if tokenizer.vocab_size < vocab_size:
         print(f"note: the tokenizer has {tokenizer.vocab_size} ids, the model's text embedding "
-              f"{vocab_size}: predicted words are read among the tokenizer's {tokenizer.vocab_size}")
+              f"{vocab_size}: predicted words are read among the tokenizer's ids")
     return tokenizer
 
 
@@ -191,10 +210,11 @@ def make_batch(samples, tokenizer, text_len, transform):
 
 @contextmanager
 def mask_ratios(model, image=None, text=None):
-    """Temporarily set the model's image/text mask ratios (None keeps the checkpoint's). The encoder and the
-    decoder both read them from model.config, so swapping the config is enough."""
+    """Temporarily set the model's image/text mask ratios (None keeps the checkpoint's). The encoder
+    and the decoder both read them from model.config, so swapping the config is enough."""
     saved = model.config
-    changes = {k: v for k, v in (("image_mask_ratio", image), ("text_mask_ratio", text)) if v is not None}
+    changes = {k: v for k, v in (("image_mask_ratio", image), ("text_mask_ratio", text))
+               if v is not None}
     model.config = replace(saved, **changes)
     try:
         yield
@@ -207,9 +227,10 @@ def mask_ratios(model, image=None, text=None):
 
 
 def unnormalise_patches(pred, target):
-    """Undo mae's norm_pix target: pred (B, N, P) was trained against (target - mean) / sqrt(var + 1e-6) per
-    patch, so map it back with the *original* patch's own mean and (unbiased) variance, as mae's visualisation
-    does. This borrows two numbers per removed patch from the hidden image: say so wherever it is shown."""
+    """Undo mae's norm_pix target: pred (B, N, P) was trained against (target - mean) / sqrt(var +
+    1e-6) per patch, so map it back with the *original* patch's own mean and (unbiased) variance, as
+    mae's visualisation does. This borrows two numbers per removed patch from the hidden image: say
+    so wherever it is shown."""
     mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
     return pred * (var + 1e-6).sqrt() + mean
 
@@ -217,34 +238,36 @@ def unnormalise_patches(pred, target):
 @torch.no_grad()
 def reconstruct(model, images=None, text=None, pad=None, image_noise=None, text_noise=None,
                 vocab_size=None):
-    """One masked forward pass with fixed noise; any modality may be None (image-only / text-only modes).
+    """One masked forward pass with fixed noise; any modality may be None (image-only, text-only).
 
     Returns a dict (image entries None without images, text entries None without text):
       pasted (B, 3, H, W): the input on visible patches, exactly; the prediction on removed ones
       prediction (B, 3, H, W): the prediction on every patch
-      image_mask (B, N) float, 1 = removed; image_mse (B,): the training image loss (on removed patches)
-      text_mask (B, T) float, 1 = removed; text_pred (B, T): top-1 ids among the first vocab_size
-      (the tokenizer's; None: all); text_logits (B, T, V)
-    Images are in the normalised space they came in. With config.norm_pix_loss the prediction is un-normalised
-    with each original patch's mean/std first (unnormalise_patches); image_mse stays in the loss's own space.
+      image_mask (B, N) float, 1 = removed; image_mse (B,): the training loss on removed patches
+      text_mask (B, T) float, 1 = removed; text_logits (B, T, V)
+      text_pred (B, T): top-1 ids among the first vocab_size (the tokenizer's; None: all)
+    Images are in the normalised space they came in. With config.norm_pix_loss the prediction is
+    un-normalised with each original patch's mean/std first (unnormalise_patches); image_mse stays
+    in the loss's own space.
     """
     c = model.config
     device = model.cls_token.device
     to = lambda x: None if x is None else x.to(device)
     out = model.reconstruct(to(images), to(text), to(pad), to(image_noise), to(text_noise))
-    res = dict(pasted=None, prediction=None, image_mask=None, image_mse=None, text_mask=None, text_pred=None,
-               text_logits=None)
+    res = dict(pasted=None, prediction=None, image_mask=None, image_mse=None, text_mask=None,
+               text_pred=None, text_logits=None)
     if images is not None:
         target = patchify(images.to(device), c.patch_size)  # (B, N, P)
         pred, mask = out["image_pred"].float(), out["image_mask"]
         mse = patch_mse(pred, target, c.norm_pix_loss)  # (B, N): the training loss's terms
-        res["image_mse"] = torch.stack([per_sample_mean(mse[i : i + 1], mask[i : i + 1]) for i in range(len(pred))]).cpu()
+        res["image_mse"] = torch.stack([per_sample_mean(mse[i : i + 1], mask[i : i + 1])
+                                        for i in range(len(pred))]).cpu()
         if c.norm_pix_loss:
             pred = unnormalise_patches(pred, target)
         # where, not target * (1 - mask) + pred * mask: visible patches must come back bit for bit
         pasted = torch.where(mask[:, :, None].bool(), pred, target)
-        res.update(pasted=unpatchify(pasted, c.patch_size).cpu(), prediction=unpatchify(pred, c.patch_size).cpu(),
-                   image_mask=mask.cpu())
+        res.update(pasted=unpatchify(pasted, c.patch_size).cpu(),
+                   prediction=unpatchify(pred, c.patch_size).cpu(), image_mask=mask.cpu())
     if text is not None:
         logits = out["text_logits"].float().cpu()
         res.update(text_mask=out["text_mask"].cpu(), text_logits=logits,
@@ -253,7 +276,7 @@ def reconstruct(model, images=None, text=None, pad=None, image_noise=None, text_
 
 
 def text_accuracy(text, pad, text_mask, text_pred):
-    """Per sample (right, removed): how many removed, non-padding slots the top-1 prediction gets right."""
+    """Per sample (right, removed): how many removed, non-padding slots the top-1 gets right."""
     removed = text_mask.bool() & ~pad  # (B, T)
     right = (removed & (text_pred == text)).sum(dim=1)
     return list(zip(right.tolist(), removed.sum(dim=1).tolist()))
@@ -264,15 +287,15 @@ def text_accuracy(text, pad, text_mask, text_pred):
 
 
 def piece(tokenizer, i):
-    """(text, starts_word) of one id, for display, from the tokenizer's pieces() and starts_word() (either kind):
-    '' for a sentencepiece piece that is only the word marker (all it says is that a word starts)."""
+    """(text, starts_word) of one id, for display, from the tokenizer's pieces() and starts_word()
+    (either kind): '' for a sentencepiece piece that is only the word marker (a word starts)."""
     shown, starts = tokenizer.pieces([int(i)])[0], tokenizer.starts_word([int(i)])[0]
     return ("" if shown == "\u2581" else shown), starts
 
 
 def caption_words(tokenizer, ids, pad):
-    """The caption's words as a list of (text, slots): slots are the text positions of the word's pieces. A
-    piece that starts a word (tokenizer.starts_word) opens a new one; padding is skipped."""
+    """The caption's words as a list of (text, slots): slots are the text positions of the word's
+    pieces. A piece that starts a word (tokenizer.starts_word) opens a new one; padding skipped."""
     words = []
     for slot, (i, is_pad) in enumerate(zip(ids.tolist(), pad.tolist())):
         if is_pad:
@@ -287,15 +310,16 @@ def caption_words(tokenizer, ids, pad):
 
 
 def pick_word(words, word=None):
-    """Index into words of the word to map: `word` (case-insensitive; a word that starts with it if none is
-    equal), else the first shape name (SHAPE_NAMES), else the first non-stop word, else the first word. None
-    when the caption is empty. Returns (index, whether `word` was found)."""
+    """Index into words of the word to map: `word` (case-insensitive; a word that starts with it if
+    none is equal), else the first shape name (SHAPE_NAMES), else the first non-stop word, else the
+    first word. None when the caption is empty. Returns (index, whether `word` was found)."""
     if not words:
         return None, False
     texts = [t.lower() for t, _ in words]
     if word:
         w = word.lower()
-        for match in ([k for k, t in enumerate(texts) if t == w], [k for k, t in enumerate(texts) if t.startswith(w)]):
+        for match in ([k for k, t in enumerate(texts) if t == w],
+                      [k for k, t in enumerate(texts) if t.startswith(w)]):
             if match:
                 return match[0], True
     for allowed in (lambda t: t in SHAPE_NAMES, lambda t: t.isalpha() and t not in STOP_WORDS):
@@ -306,11 +330,11 @@ def pick_word(words, word=None):
 
 
 def attention_rows(weights, queries, atol=1e-5):
-    """Head-averaged attention rows. weights: per-layer list of (B, nh, S, S) (model.attention_maps); queries:
-    per sample, a list of sequence positions (their rows are averaged: a word of several pieces), or [] (the
-    sample's rows come back as zeros). Returns (L, B, S).
-    Every row used is checked to sum to 1 over the whole sequence (CLS, patches and text): softmax rows do,
-    and a map that silently read a padded or malformed row would be wrong."""
+    """Head-averaged attention rows, (L, B, S). weights: per layer a (B, nh, S, S) tensor
+    (model.attention_maps); queries: per sample, a list of sequence positions (their rows are
+    averaged: a word of several pieces), or [] (that sample's rows come back as zeros).
+    Every row used is checked to sum to 1 over the whole sequence (CLS, patches and text): softmax
+    rows do, and a map that silently read a padded or malformed row would be wrong."""
     L, B, S = len(weights), weights[0].size(0), weights[0].size(-1)
     out = torch.zeros(L, B, S)
     for l, w in enumerate(weights):
@@ -327,9 +351,10 @@ def attention_rows(weights, queries, atol=1e-5):
 
 
 def word_attention(model, images, text, pad, word_slots):
-    """Each sample's word -> image patches attention. word_slots: per sample, the word's text slots (or []).
-    Returns (maps (L, B, G, G): the attention weight on each patch, not renormalised, so a map's sum is the share
-    of the word's attention that goes to the image; rows (L, B, S): the full head-averaged rows)."""
+    """Each sample's word -> image patches attention. word_slots: per sample, the word's text slots
+    (or []). Returns (maps (L, B, G, G): the attention weight on each patch, not renormalised, so a
+    map's sum is the share of the word's attention that goes to the image; rows (L, B, S): the full
+    head-averaged rows)."""
     c = model.config
     device = model.cls_token.device
     with torch.no_grad():
@@ -340,9 +365,9 @@ def word_attention(model, images, text, pad, word_slots):
 
 
 def patch_attention(model, images, text, pad, patches, words):
-    """Each sample's patch -> caption words attention. patches: per sample (row, col); words: per sample,
-    caption_words(). Returns (per_word (L, B, max words): the attention weight on each word (its pieces summed),
-    not renormalised; rows (L, B, S))."""
+    """Each sample's patch -> caption words attention. patches: per sample (row, col); words: per
+    sample, caption_words(). Returns (per_word (L, B, max words): the attention weight on each word
+    (its pieces summed), not renormalised; rows (L, B, S))."""
     c = model.config
     device = model.cls_token.device
     with torch.no_grad():
@@ -383,11 +408,11 @@ def parse_patch(spec, grid_size):
 
 MARGIN, GAP, LABEL_H, LINE, TITLE_LINE = 10, 12, 18, 16, 20
 MIN_WIDTH = 1120  # every figure is at least this wide, so that the title lines fit
-TITLE_LINES = 4  # every figure's title: what and which checkpoint, the data, two lines on how to read it
-WORD_W, HEAT_W, BAR_W = 110, 26, 220  # patch-attention table: word column, one heat cell per layer, the bar
+TITLE_LINES = 4  # every title: what and which checkpoint, the data, two lines on how to read it
+WORD_W, HEAT_W, BAR_W = 110, 26, 220  # patch-attention table: words, a heat cell per layer, the bar
 MASK_GREY = (128, 128, 128)  # removed patches, as mae's figures
 GREEN, RED, BLUE, GREY = (0, 130, 0), (200, 0, 0), (20, 60, 200), (140, 140, 140)  # text
-BAR_BLUE, PATCH_BOX = (60, 110, 200), (0, 255, 255)  # patch attention: the bars, the chosen patch's outline
+BAR_BLUE, PATCH_BOX = (60, 110, 200), (0, 255, 255)  # patch attention: bars, the patch's outline
 
 
 def font(size):
@@ -409,8 +434,8 @@ class Layout:
 
 
 def grid_layout(title_lines, col_widths, row_heights):
-    """A canvas with a title band of `title_lines` lines, columns of the given widths (GAP apart) and rows of
-    the given heights, MARGIN around; at least MIN_WIDTH wide."""
+    """A canvas with a title band of `title_lines` lines, columns of the given widths (GAP apart)
+    and rows of the given heights, MARGIN around; at least MIN_WIDTH wide."""
     title_h = MARGIN + TITLE_LINE * title_lines + 6
     col_x, x = [], MARGIN
     for w in col_widths:
@@ -423,34 +448,36 @@ def grid_layout(title_lines, col_widths, row_heights):
     return Layout((max(MIN_WIDTH, x - GAP + MARGIN), y + MARGIN), title_h, row_y, col_x)
 
 
-RECON_TEXT = 4  # text items under a recon row (caption, masked caption, paired and text-only predictions)
+RECON_TEXT = 4  # text items under a recon row: caption, masked, paired and text-only predictions
 CAPTION_TEXT = 2  # own caption, other caption
 TEXT_ITEM_LINES = 2  # lines per text item (longer captions end in "...")
 
 
 def recon_layout(n, S, text=True):
-    """n rows of five S x S cells with labels above and RECON_TEXT two-line text items below; without
-    text (no tokenizer), four cells and nothing below."""
+    """n rows of five S x S cells with labels above and RECON_TEXT two-line text items below;
+    without text (no tokenizer), four cells and nothing below."""
     below = RECON_TEXT * TEXT_ITEM_LINES * LINE if text else 0
     return grid_layout(TITLE_LINES, [S] * (5 if text else 4), [LABEL_H + S + 6 + below + GAP] * n)
 
 
 def caption_layout(n, S, other=True):
-    """n rows of six S x S cells, then the two captions used; other=False (no other caption): five cells and one
-    caption."""
+    """n rows of six S x S cells, then the two captions used; other=False (no other caption): five
+    cells and one caption."""
     texts = CAPTION_TEXT if other else CAPTION_TEXT - 1
     return grid_layout(TITLE_LINES, [S] * (6 if other else 5),
                        [LABEL_H + S + 6 + texts * TEXT_ITEM_LINES * LINE + GAP] * n)
 
 
 def word_layout(n, S, depth):
-    """n rows: the image (S), one S/2 map per layer, the last layer again at S; a caption line below."""
-    return grid_layout(TITLE_LINES, [S] + [S // 2] * depth + [S], [LABEL_H + S + 6 + TEXT_ITEM_LINES * LINE + GAP] * n)
+    """n rows: the image (S), one S/2 map per layer, the last layer again at S; a caption below."""
+    return grid_layout(TITLE_LINES, [S] + [S // 2] * depth + [S],
+                       [LABEL_H + S + 6 + TEXT_ITEM_LINES * LINE + GAP] * n)
 
 
 def patch_layout(word_counts, S, depth):
-    """One row per sample: the image (S) and a table with one line per caption word (word, a heat cell per
-    layer, the last layer's bar and value); two text lines below. word_counts: the caption's words per sample."""
+    """One row per sample: the image (S) and a table with one line per caption word (word, a heat
+    cell per layer, the last layer's bar and value); two text lines below. word_counts: the
+    caption's words per sample."""
     table_w = WORD_W + depth * HEAT_W + GAP + BAR_W + 60
     rows = [LABEL_H + max(S, (1 + max(k, 1)) * LINE) + 6 + 2 * LINE + GAP for k in word_counts]
     return grid_layout(TITLE_LINES, [S, table_w], rows)
@@ -470,8 +497,9 @@ class View:
         return self.image_size * self.scale
 
     def pil(self, x):
-        """(3, H, W) normalised -> PIL RGB, S x S, nearest-neighbour (each pixel a scale x scale block)."""
-        x = x.float().cpu() * torch.tensor(self.std).view(3, 1, 1) + torch.tensor(self.mean).view(3, 1, 1)
+        """(3, H, W) normalised -> PIL RGB, S x S, nearest-neighbour (a pixel: a scale^2 block)."""
+        mean, std = (torch.tensor(v).view(3, 1, 1) for v in (self.mean, self.std))
+        x = x.float().cpu() * std + mean
         a = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
         return Image.fromarray(a).resize((self.S, self.S), Image.NEAREST)
 
@@ -483,15 +511,17 @@ def grey_out(img, mask, grid_size):
     side = img.size[0] / grid_size  # a patch's side in display pixels
     for k in torch.nonzero(mask.bool()).flatten().tolist():
         r, c = divmod(k, grid_size)
-        draw.rectangle((round(c * side), round(r * side), round((c + 1) * side) - 1, round((r + 1) * side) - 1),
-                       fill=MASK_GREY)
+        box = (round(c * side), round(r * side), round((c + 1) * side) - 1,
+               round((r + 1) * side) - 1)
+        draw.rectangle(box, fill=MASK_GREY)
     return img
 
 
 def heat_colours(v):
-    """(...,) values in [0, 1] -> (..., 3) uint8: black - purple - red - orange - pale yellow (a perceptually
-    ordered ramp, bright = high), linear between five anchors."""
-    anchors = np.array([(0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (252, 255, 164)], dtype=np.float64)
+    """(...,) values in [0, 1] -> (..., 3) uint8: black - purple - red - orange - pale yellow (a
+    perceptually ordered ramp, bright = high), linear between five anchors."""
+    anchors = np.array([(0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (252, 255, 164)],
+                       dtype=np.float64)
     t = np.clip(np.asarray(v, dtype=np.float64), 0, 1) * (len(anchors) - 1)
     i = np.minimum(t.astype(int), len(anchors) - 2)
     f = (t - i)[..., None]
@@ -499,8 +529,9 @@ def heat_colours(v):
 
 
 def heat_overlay(img, heat, alpha=0.6):
-    """A (G, G) map over a greyed copy of img, scaled from its own min (dark) to its max (bright): nearly uniform
-    attention would otherwise paint every patch the same colour. The figure states the map's total separately."""
+    """A (G, G) map over a greyed copy of img, scaled from its own min (dark) to its max (bright):
+    nearly uniform attention would otherwise paint every patch the same colour. The figure states
+    the map's total separately."""
     h = heat.float().numpy()
     span = h.max() - h.min()
     h = (h - h.min()) / span if span > 0 else np.zeros_like(h)
@@ -514,8 +545,8 @@ def new_canvas(layout, title):
     draw = ImageDraw.Draw(canvas)
     for k, line in enumerate(title):
         f = font(15 if k == 0 else 13)
-        draw.text((MARGIN, MARGIN + TITLE_LINE * k), fit(draw, line, layout.size[0] - 2 * MARGIN, f), font=f,
-                  fill="black")
+        line = fit(draw, line, layout.size[0] - 2 * MARGIN, f)
+        draw.text((MARGIN, MARGIN + TITLE_LINE * k), line, font=f, fill="black")
     return canvas, draw
 
 
@@ -535,9 +566,10 @@ def cell(canvas, draw, x, y, label, img):
 
 
 def token_chips(tokenizer, ids, pad, removed=None, pred=None, blank=False):
-    """One caption as chips (text, colour, starts_word), padding skipped. removed (T,) bool marks removed slots:
-    with blank they show as '___', with pred (T,) ids as the top-1 piece in [brackets], green if right and red
-    if wrong (visible slots grey, for context); with neither, removed slots are blue."""
+    """One caption as chips (text, colour, starts_word), padding skipped. removed (T,) bool marks
+    removed slots: with blank they show as '___', with pred (T,) ids as the top-1 piece in
+    [brackets], green if right and red if wrong (visible slots grey, for context); with neither,
+    removed slots are blue."""
     chips = []
     for slot, (i, is_pad) in enumerate(zip(ids.tolist(), pad.tolist())):
         if is_pad:
@@ -557,8 +589,8 @@ def token_chips(tokenizer, ids, pad, removed=None, pred=None, blank=False):
 
 
 def draw_chips(draw, x, y, width, chips, lines=TEXT_ITEM_LINES, f=None):
-    """Lay chips out left to right from (x, y), a space before each word start, wrapping within `width` for at
-    most `lines` lines; what does not fit becomes '...'."""
+    """Lay chips out left to right from (x, y), a space before each word start, wrapping within
+    `width` for at most `lines` lines; what does not fit becomes '...'."""
     f = f or font(13)
     cx, line = x, 0
     for k, (text, colour, starts) in enumerate(chips):
@@ -567,8 +599,8 @@ def draw_chips(draw, x, y, width, chips, lines=TEXT_ITEM_LINES, f=None):
         if cx + w > x + width and cx > x:
             line, cx = line + 1, x
             if line == lines:
-                draw.text((x + width - draw.textlength("...", font=f), y + LINE * (lines - 1)), "...", font=f,
-                          fill="black")
+                draw.text((x + width - draw.textlength("...", font=f), y + LINE * (lines - 1)),
+                          "...", font=f, fill="black")
                 return
             piece, w = text, draw.textlength(text, font=f)
         draw.text((cx, y + LINE * line), piece, font=f, fill=colour)
@@ -582,18 +614,22 @@ def text_item(draw, x, y, width, label, chips, label_w=150):
 
 
 def save(canvas, path, true_colour=False, folder=None):
-    """PNG; 256 colours unless true_colour (the noisy images make true-colour PNGs about 4 times larger). The
-    palette: the drawing's own colours exactly (mask grey, text colours), the rest chosen by maximum coverage,
-    not median cut: median cut spends its colours on large areas and turned a small yellow shape orange.
-    Written atomically, and listed in FOLDER/outputs.txt when inside FOLDER (evalcommon.write_output)."""
+    """PNG; 256 colours unless true_colour (the noisy images make true-colour PNGs about 4 times
+    larger). The palette: the drawing's own colours exactly (mask grey, text colours), the rest
+    chosen by maximum coverage, not median cut: median cut spends its colours on large areas and
+    turned a small yellow shape orange. Written atomically, and listed in FOLDER/outputs.txt when
+    inside FOLDER (evalcommon.write_output)."""
     if not true_colour:
         fixed = [(255, 255, 255), (0, 0, 0), MASK_GREY, GREEN, RED, BLUE, GREY, BAR_BLUE, PATCH_BOX]
-        free = canvas.quantize(256 - len(fixed), method=Image.Quantize.MAXCOVERAGE, dither=Image.Dither.NONE)
+        free = canvas.quantize(256 - len(fixed), method=Image.Quantize.MAXCOVERAGE,
+                               dither=Image.Dither.NONE)
         palette = Image.new("P", (1, 1))
-        palette.putpalette(free.getpalette()[: 3 * (256 - len(fixed))] + [v for c in fixed for v in c])
-        canvas = canvas.quantize(palette=palette, dither=Image.Dither.NONE)  # each pixel -> its nearest colour
+        palette.putpalette(free.getpalette()[: 3 * (256 - len(fixed))]
+                           + [v for c in fixed for v in c])
+        canvas = canvas.quantize(palette=palette, dither=Image.Dither.NONE)  # the nearest colour
     try:
-        return write_output(path, lambda f: canvas.save(f, format="PNG", optimize=True), folder=folder)
+        return write_output(path, lambda f: canvas.save(f, format="PNG", optimize=True),
+                            folder=folder)
     except OSError as e:
         raise SystemExit(f"{path} not written: {e.strerror or e}") from None
 
@@ -603,13 +639,14 @@ def save(canvas, path, true_colour=False, folder=None):
 
 
 def header(what, ctx, extra):
-    """Title lines: what is shown, the checkpoint and its step, the data and masking, then `extra` lines."""
+    """Title lines: what is shown, the checkpoint and its step, the data and masking, then extra."""
     c = ctx["config"]
     step = ctx["ckpt"].get("step", "?")
-    no_text = " (trained --no-text: the text path is untrained)" if ctx["ckpt"].get("args", {}).get("no_text") else ""
+    no_text = ctx["ckpt"].get("args", {}).get("no_text")
+    no_text = " (trained --no-text: the text path is untrained)" if no_text else ""
     lines = [f"{what} | checkpoint {ctx['ckpt_path']} (step {step}){no_text}",
-             f"{ctx['source']} | {c.image_size} px, {c.patch_size} px patches ({c.grid_size}x{c.grid_size} grid), "
-             f"shown x{ctx['view'].scale} | masking seed {ctx['seed']}"]
+             f"{ctx['source']} | {c.image_size} px, {c.patch_size} px patches ({c.grid_size}x"
+             f"{c.grid_size} grid), shown x{ctx['view'].scale} | masking seed {ctx['seed']}"]
     assert len(lines + extra) == TITLE_LINES, "the layouts reserve TITLE_LINES title lines"
     return lines + extra
 
@@ -671,9 +708,9 @@ def figure_recon(model, tokenizer, batch, noise, view, ctx, samples):
 
 
 def other_captions(samples, other_caption=None):
-    """The 'different caption' for each sample, from the user's data: --other-caption, else the next sample's
-    (cyclically; on built-in data the next one with another label when there is one). A single sample and no
-    --other-caption: None (no other caption; the figure leaves that column out)."""
+    """The 'different caption' for each sample, from the user's data: --other-caption, else the next
+    sample's (cyclically; on built-in data the next one with another label when there is one). A
+    single sample and no --other-caption: None (no other caption: the figure drops that column)."""
     if other_caption is not None:
         return [other_caption] * len(samples)
     if len(samples) == 1:
@@ -681,34 +718,39 @@ def other_captions(samples, other_caption=None):
     out = []
     for i, s in enumerate(samples):
         others = [samples[(i + k) % len(samples)] for k in range(1, len(samples))]
-        differ = [o for o in others if o.get("label") is not None and o.get("label") != s.get("label")]
+        differ = [o for o in others
+                  if o.get("label") is not None and o.get("label") != s.get("label")]
         out.append((differ or others)[0]["caption"])
     return out
 
 
 def figure_caption(model, tokenizer, batch, noise, view, ctx, samples, other, text_mask_ratio=0.0):
-    """The same masked image (same noise) with its caption, no caption and another caption (other: one caption per
-    sample, or None: no other caption, that column left out). Returns the canvas and the (B, 3) MSEs (own, none,
-    other), (B, 2) without another caption."""
+    """The same masked image (same noise) with its caption, no caption and another caption (other:
+    one caption per sample, or None: no other caption, that column left out). Returns the canvas and
+    the (B, 3) MSEs (own, none, other), (B, 2) without another caption."""
     c = model.config
     images, text, pad = batch["image"], batch["text"], batch["pad"]
     with mask_ratios(model, text=text_mask_ratio):
         own = reconstruct(model, images, text, pad, *noise)
         if other is not None:
             encoded = [tokenizer.encode(o, c.text_len) for o in other]
-            other_text, other_pad = torch.stack([t for t, _ in encoded]), torch.stack([m for _, m in encoded])
+            other_text = torch.stack([t for t, _ in encoded])
+            other_pad = torch.stack([m for _, m in encoded])
             swapped = reconstruct(model, images, other_text, other_pad, *noise)
-    none = reconstruct(model, images, image_noise=noise[0])  # image-only mode: MAE's, the no-caption case
-    mse = torch.stack([own["image_mse"], none["image_mse"]] + ([swapped["image_mse"]] if other is not None else []),
-                      dim=1)  # (B, 3) or (B, 2)
+    none = reconstruct(model, images, image_noise=noise[0])  # image-only mode: MAE's, no caption
+    mses = [own["image_mse"], none["image_mse"]]
+    if other is not None:
+        mses.append(swapped["image_mse"])
+    mse = torch.stack(mses, dim=1)  # (B, 3), or (B, 2) without another caption
     mean = mse.mean(dim=0).tolist()
-    change = (own["pasted"] - none["pasted"]).norm(dim=1)  # (B, H, W): what the caption changed, per pixel
+    change = (own["pasted"] - none["pasted"]).norm(dim=1)  # (B, H, W): what the caption changed
     top = change.max().clamp(min=1e-12)  # one scale for every row, so that rows compare
     title = header("Does the caption change the image reconstruction?", ctx, [
-        f"the same image noise for all three (image mask {c.image_mask_ratio:g}); caption text mask "
-        f"{text_mask_ratio:g} (0 = the whole caption visible); no caption = image-only mode",
-        f"MSE = training image loss on removed patches (lower = better); mean: own caption {mean[0]:.4f}, no "
-        f"caption {mean[1]:.4f}, " + (f"other {mean[2]:.4f}" if other is not None else "no other caption given")
+        f"the same image noise for all three (image mask {c.image_mask_ratio:g}); caption text "
+        f"mask {text_mask_ratio:g} (0 = the whole caption visible); no caption = image-only mode",
+        f"MSE = training image loss on removed patches (lower = better); mean: own caption "
+        f"{mean[0]:.4f}, no caption {mean[1]:.4f}, "
+        + (f"other {mean[2]:.4f}" if other is not None else "no other caption given")
         + "; last column: |own - none| per pixel, one scale for all rows"])
     S, n = view.S, len(images)
     lay = caption_layout(n, S, other is not None)
@@ -717,13 +759,15 @@ def figure_caption(model, tokenizer, batch, noise, view, ctx, samples, other, te
         y, mask = lay.row_y[i], own["image_mask"][i]
         original = view.pil(images[i])
         cells = [(samples[i]["name"], original),
-                 (f"masked input ({int(mask.sum())}/{len(mask)} removed)", grey_out(original, mask, c.grid_size)),
+                 (f"masked input ({int(mask.sum())}/{len(mask)} removed)",
+                  grey_out(original, mask, c.grid_size)),
                  (f"with its caption: MSE {mse[i, 0]:.4f}", view.pil(own["pasted"][i])),
                  (f"no caption: MSE {mse[i, 1]:.4f}", view.pil(none["pasted"][i]))]
         if other is not None:
             cells.append((f"other caption: MSE {mse[i, 2]:.4f}", view.pil(swapped["pasted"][i])))
-        cells.append((f"change made by its caption (max {change[i].max():.3f})",
-                      Image.fromarray(heat_colours((change[i] / top).numpy())).resize((S, S), Image.NEAREST)))
+        heat = Image.fromarray(heat_colours((change[i] / top).numpy()))
+        heat = heat.resize((S, S), Image.NEAREST)
+        cells.append((f"change made by its caption (max {change[i].max():.3f})", heat))
         for (label, img), x in zip(cells, lay.col_x):
             cell(canvas, draw, x, y, label, img)
         x, ty, width = lay.col_x[0], y + LABEL_H + S + 6, lay.size[0] - 2 * MARGIN
@@ -740,14 +784,15 @@ def figure_word_attention(model, tokenizer, batch, view, ctx, samples, word=None
     words = [caption_words(tokenizer, text[i], pad[i]) for i in range(len(images))]
     chosen = [pick_word(ws, word) for ws in words]
     if word and not all(found for (k, found), ws in zip(chosen, words) if ws):
-        print(f"viz: --word {word!r} is not in every caption; those rows show their default word instead")
+        print(f"viz: --word {word!r} is not in every caption; those rows show their default word "
+              "instead")
     slots = [ws[k][1] if k is not None else [] for (k, _), ws in zip(chosen, words)]
     maps, _ = word_attention(model, images, text, pad, slots)  # (L, B, G, G)
     title = header("Attention: word -> image patches (paper Fig. 7)", ctx, [
-        "encoder on the whole unmasked image and caption, math attention path, averaged over heads; a word of "
-        "several pieces averages their rows",
-        "weights not renormalised; each map coloured from its own min (dark) to max (bright); % = share of the "
-        "word's attention that goes to image patches (the rest: CLS and words)"])
+        "encoder on the whole unmasked image and caption, math attention path, averaged over "
+        "heads; a word of several pieces averages their rows",
+        "weights not renormalised; each map coloured from its own min (dark) to max (bright); % = "
+        "share of the word's attention that goes to image patches (the rest: CLS and words)"])
     S, n, L = view.S, len(images), len(maps)
     lay = word_layout(n, S, L)
     canvas, draw = new_canvas(lay, title)
@@ -757,31 +802,34 @@ def figure_word_attention(model, tokenizer, batch, view, ctx, samples, word=None
         cell(canvas, draw, lay.col_x[0], y, samples[i]["name"], original)
         k = chosen[i][0]
         if k is None:
-            draw.text((lay.col_x[1], y + LABEL_H), "(no caption: no word to map)", font=font(13), fill=GREY)
+            draw.text((lay.col_x[1], y + LABEL_H), "(no caption: no word to map)", font=font(13),
+                      fill=GREY)
             continue
         small = original.resize((S // 2, S // 2), Image.NEAREST)
         for l in range(L):
             cell(canvas, draw, lay.col_x[1 + l], y, f"layer {l + 1}: {maps[l, i].sum():.0%}",
                  heat_overlay(small, maps[l, i]))
-        cell(canvas, draw, lay.col_x[-1], y, f"last layer ({L}): '{words[i][k][0]}', {maps[-1, i].sum():.0%} on image",
-             heat_overlay(original, maps[-1, i]))
+        label = f"last layer ({L}): '{words[i][k][0]}', {maps[-1, i].sum():.0%} on image"
+        cell(canvas, draw, lay.col_x[-1], y, label, heat_overlay(original, maps[-1, i]))
         chips = [(t, RED if j == k else "black", True) for j, (t, _) in enumerate(words[i])]
-        text_item(draw, lay.col_x[0], y + LABEL_H + S + 6, lay.size[0] - 2 * MARGIN, "word (red):", chips, 100)
+        text_item(draw, lay.col_x[0], y + LABEL_H + S + 6, lay.size[0] - 2 * MARGIN, "word (red):",
+                  chips, 100)
     return canvas
 
 
 def figure_patch_attention(model, tokenizer, batch, view, ctx, samples, patches):
-    """Figure 8: a patch's attention over the caption's words, per layer (heat) and the last layer (bars)."""
+    """Figure 8: a patch's attention over the caption's words, per layer (heat) and the last layer
+    (bars)."""
     c = model.config
     images, text, pad = batch["image"], batch["text"], batch["pad"]
     words = [caption_words(tokenizer, text[i], pad[i]) for i in range(len(images))]
-    per_word, rows = patch_attention(model, images, text, pad, patches, words)  # (L, B, W), (L, B, S)
-    on_text = rows[:, :, 1 + c.num_patches :].sum(dim=-1)  # (L, B): share of the patch's attention on words
+    per_word, rows = patch_attention(model, images, text, pad, patches, words)  # (L,B,W), (L,B,S)
+    on_text = rows[:, :, 1 + c.num_patches :].sum(dim=-1)  # (L, B): the patch's share on words
     title = header("Attention: image patch -> caption words (paper Fig. 8)", ctx, [
-        "encoder on the whole unmasked image and caption, math attention path, averaged over heads; a word's "
-        "weight sums its pieces",
-        "not renormalised: weight = share of the patch's whole attention row (CLS, patches, words); heat cells are "
-        "scaled to each layer's max, bars to the last layer's max"])
+        "encoder on the whole unmasked image and caption, math attention path, averaged over "
+        "heads; a word's weight sums its pieces",
+        "not renormalised: weight = share of the patch's whole attention row (CLS, patches, "
+        "words); heat cells are scaled to each layer's max, bars to the last layer's max"])
     S, n, L = view.S, len(images), len(per_word)
     lay = patch_layout([len(w) for w in words], S, L)
     canvas, draw = new_canvas(lay, title)
@@ -789,9 +837,9 @@ def figure_patch_attention(model, tokenizer, batch, view, ctx, samples, patches)
     for i in range(n):
         y, (r, col) = lay.row_y[i], patches[i]
         img = view.pil(images[i])
-        cell_px = S / c.grid_size
-        ImageDraw.Draw(img).rectangle((round(col * cell_px), round(r * cell_px), round((col + 1) * cell_px) - 1,
-                                       round((r + 1) * cell_px) - 1), outline=PATCH_BOX, width=2)
+        px = S / c.grid_size
+        box = (round(col * px), round(r * px), round((col + 1) * px) - 1, round((r + 1) * px) - 1)
+        ImageDraw.Draw(img).rectangle(box, outline=PATCH_BOX, width=2)
         cell(canvas, draw, lay.col_x[0], y, f"{samples[i]['name']}, patch ({r},{col}) boxed", img)
         x0 = lay.col_x[1]
         heat_x, bar_x = x0 + WORD_W, x0 + WORD_W + L * HEAT_W + GAP
@@ -809,17 +857,18 @@ def figure_patch_attention(model, tokenizer, batch, view, ctx, samples, patches)
             draw.text((x0, ty), fit(draw, t, WORD_W - 6, f), font=f, fill="black")
             for l in range(L):
                 colour = tuple(int(v) for v in heat_colours(float(w[l, k] / top[l])))
-                draw.rectangle((heat_x + l * HEAT_W, ty, heat_x + (l + 1) * HEAT_W - 2, ty + LINE - 2), fill=colour)
+                x = heat_x + l * HEAT_W
+                draw.rectangle((x, ty, x + HEAT_W - 2, ty + LINE - 2), fill=colour)
             length = round(BAR_W * float(w[-1, k] / top[-1]))
             draw.rectangle((bar_x, ty + 2, bar_x + max(length, 1), ty + LINE - 3), fill=BAR_BLUE)
             draw.text((bar_x + BAR_W + 6, ty), f"{w[-1, k]:.1%}", font=f, fill="black")
         ty = y + LABEL_H + max(S, (1 + max(len(ws), 1)) * LINE) - LINE + 6
         share = ", ".join(f"L{l + 1} {on_text[l, i]:.0%}" for l in range(L))
-        draw.text((lay.col_x[0], ty + LINE), fit(draw, f"share of the patch's attention on the caption: {share}",
-                                                 lay.size[0] - 2 * MARGIN, font(13)), font=font(13), fill="black")
         caption = " ".join(textwrap.shorten(samples[i]["caption"], 200).split())
-        draw.text((lay.col_x[0], ty + 2 * LINE), fit(draw, f"caption: {caption}", lay.size[0] - 2 * MARGIN, font(13)),
-                  font=font(13), fill="black")
+        for k, line in enumerate([f"share of the patch's attention on the caption: {share}",
+                                  f"caption: {caption}"]):
+            line = fit(draw, line, lay.size[0] - 2 * MARGIN, font(13))
+            draw.text((lay.col_x[0], ty + (k + 1) * LINE), line, font=font(13), fill="black")
     return canvas
 
 
