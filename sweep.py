@@ -96,7 +96,8 @@ def mean_std(values):
 def write_table(sweep_dir):
     runs = collect(sweep_dir)
     metrics = [("top1", "linear probe top-1"), ("knn_top1", "kNN top-1"),
-               ("top1_colour", "linear probe top-1, colour"), ("knn_top1_colour", "kNN top-1, colour"),
+               ("top1_colour", "linear probe top-1, colour"),
+               ("knn_top1_colour", "kNN top-1, colour"),
                ("ood_mahalanobis", "OOD AUROC Mahalanobis"),
                ("ood_relative_mahalanobis", "OOD AUROC rel. Mahalanobis"),
                ("ood_msp", "OOD AUROC MSP")]
