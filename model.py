@@ -1,22 +1,25 @@
 """M3AE: Multimodal Masked Autoencoders (Geng et al., arXiv 2205.14204), in one file.
 
-Read it beside the paper: section 3.1 (architecture), 3.2 (masking), 3.3 (loss). Where the official JAX
-code (young-geng/m3ae_public, "official" below) and facebookresearch/mae ("mae") disagree, a comment
-says which one we follow; docs/reference.md lists the facts with their sources.
+Read it beside the paper: section 3.1 (architecture), 3.2 (masking), 3.3 (loss). Where the official
+JAX code (young-geng/m3ae_public, "official" below) and facebookresearch/mae ("mae") disagree, a
+comment says which one we follow; docs/reference.md lists the facts with their sources.
 
 Conventions, stated once (tests/test_model.py asserts each):
   * images are (B, 3, H, W), already normalised with the dataset's mean/std.
   * patches are flattened in (row, col, channel) order; the patch grid is row-major.
   * text is (B, T) int64 token ids, pad id 0, no special tokens.
-  * key-padding mask: bool, True = padding. A padded *key* is hidden from attention; padded *queries*
-    are still computed (their outputs are never used by the loss).
+  * key-padding mask: bool, True = padding. A padded *key* is hidden from attention; padded
+    *queries* are still computed (their outputs are never used by the loss).
   * masking mask: float, 1 = removed (hidden from the encoder, predicted by the decoder), 0 = kept.
-  * encoder sequence: [CLS, kept image patches, kept text slots]; decoder sequence: [CLS, all patches,
-    all text slots]. Image-only mode has no text part at all (this *is* MAE); text-only has no image part.
-  * every module returns tensors, never tuples; attention weights come from M3AE.attention_maps alone.
+  * encoder sequence: [CLS, kept image patches, kept text slots]; decoder sequence: [CLS, all
+    patches, all text slots]. Image-only mode has no text part at all (this *is* MAE); text-only has
+    no image part.
+  * every module returns tensors, never tuples; attention weights come from M3AE.attention_maps
+    alone.
 
-Shape letters in the comments: B batch, N image patches (grid_size**2), T text slots (text_len), S sequence
-length, D width (emb_dim; Dd for the decoder), nh heads, hs head size (D / nh), V vocabulary, P = p*p*C.
+Shape letters in the comments: B batch, N image patches (grid_size**2), T text slots (text_len), S
+sequence length, D width (emb_dim; Dd for the decoder), nh heads, hs head size (D / nh), V
+vocabulary, P = p*p*C.
 """
 
 import math
@@ -30,8 +33,9 @@ import torch.nn.functional as F
 from util import at_least, check_fields, fraction, knob
 
 # -----------------------------------------------------------------------------
-# config: every model, masking and loss knob is one field here. train.py makes a flag of each field with help
-# text (--text-mask-ratio for text_mask_ratio), checks it with `valid`, and a --resume refuses a change of it.
+# config: every model, masking and loss knob is one field here. train.py makes a flag of each field
+# with help text (--text-mask-ratio for text_mask_ratio), checks it with `valid`, and a --resume
+# refuses a change of it.
 
 GELUS = ("tanh", "none")
 ATTN_IMPLS = ("auto", "triton", "sdpa", "math")
@@ -40,37 +44,45 @@ ATTN_IMPLS = ("auto", "triton", "sdpa", "math")
 @dataclass
 class M3AEConfig:
     # data geometry
-    image_size: int = knob(256, "image side in pixels; a multiple of --patch-size", at_least(8, 4096), shape=True)
+    image_size: int = knob(256, "image side in pixels; a multiple of --patch-size",
+                           at_least(8, 4096), shape=True)
     patch_size: int = knob(16, "patch side in pixels", at_least(1, 256), shape=True)
     in_chans: int = knob(3, shape=True)
     vocab_size: int = knob(32000, valid=at_least(2), shape=True)  # set from the tokenizer
-    text_len: int = knob(64, "caption length in tokens, padded or cut", at_least(1, 1024), shape=True)
+    text_len: int = knob(64, "caption length in tokens, padded or cut", at_least(1, 1024),
+                         shape=True)
     # encoder
-    emb_dim: int = knob(768, "encoder width; divisible by 4 and by --num-heads", at_least(4, 16384), shape=True)
+    emb_dim: int = knob(768, "encoder width; divisible by 4 and by --num-heads", at_least(4, 16384),
+                        shape=True)
     depth: int = knob(12, "encoder blocks", at_least(1, 256), shape=True)
     num_heads: int = knob(12, "encoder attention heads", at_least(1), shape=True)
     # decoder: 512 wide, 8 deep, 16 heads for every preset (paper appendix, official code)
-    dec_emb_dim: int = knob(512, "decoder width; divisible by 4 and by --dec-num-heads", at_least(4, 16384),
-                            shape=True)
+    dec_emb_dim: int = knob(512, "decoder width; divisible by 4 and by --dec-num-heads",
+                            at_least(4, 16384), shape=True)
     dec_depth: int = knob(8, "decoder blocks", at_least(1, 256), shape=True)
     dec_num_heads: int = knob(16, "decoder attention heads", at_least(1), shape=True)
     mlp_ratio: float = knob(4.0, "MLP hidden width / block width", at_least(0.25, 64), shape=True)
-    # official and mae both use LayerNorm eps 1e-6 (not torch's 1e-5); official's GELU is flax's tanh
-    # approximation, mae/timm's the exact erf ("none")
+    # official and mae both use LayerNorm eps 1e-6 (not torch's 1e-5); official's GELU is flax's
+    # tanh approximation, mae/timm's the exact erf ("none")
     ln_eps: float = knob(1e-6, "LayerNorm epsilon", at_least(0.0, 1.0))
-    gelu: str = knob("tanh", "GELU approximation: tanh (official) or none (exact erf, mae)", choices=GELUS)
+    gelu: str = knob("tanh", "GELU approximation: tanh (official) or none (exact erf, mae)",
+                     choices=GELUS)
     # masking, paper section 3.2: ratios chosen independently per modality
     image_mask_ratio: float = knob(0.75, "fraction of patches removed", fraction())
-    text_mask_ratio: float = knob(0.75, "fraction of text slots removed, padding counted", fraction())
+    text_mask_ratio: float = knob(0.75, "fraction of text slots removed, padding counted",
+                                  fraction())
     # loss, paper section 3.3: each term of forward_loss is weighted by the field <term>_weight
-    image_loss_weight: float = knob(1.0, "weight of the pixel MSE", at_least(0.0), aliases=("--image-weight",))
-    text_loss_weight: float = knob(0.5, "weight of the text CE (official README 0.5, its code default 0.1); 0 "
-                                   "trains the MAE baseline", at_least(0.0), aliases=("--text-weight",))
-    norm_pix_loss: bool = knob(False, "per-patch normalised pixel targets (mae's option; the paper: raw)",
+    image_loss_weight: float = knob(1.0, "weight of the pixel MSE", at_least(0.0),
+                                    aliases=("--image-weight",))
+    text_loss_weight: float = knob(0.5, "weight of the text CE (official README 0.5, its code "
+                                   "default 0.1); 0 trains the MAE baseline", at_least(0.0),
+                                   aliases=("--text-weight",))
+    norm_pix_loss: bool = knob(False,
+                               "per-patch normalised pixel targets (mae's option; the paper: raw)",
                                aliases=("--norm-pix",))
     # runtime, not the model: "auto" = kernels/dispatch.py's measured choice on CUDA, SDPA elsewhere
-    attn_impl: str = knob("auto", "attention implementation", choices=ATTN_IMPLS, aliases=("--attn",),
-                          resume="invocation")
+    attn_impl: str = knob("auto", "attention implementation", choices=ATTN_IMPLS,
+                          aliases=("--attn",), resume="invocation")
 
     def __post_init__(self):
         check_fields(self)
@@ -78,11 +90,14 @@ class M3AEConfig:
                                                                          self.dec_num_heads)):
             if dim % heads or dim % 4:  # sin-cos positions split the width in 4 (sincos_2d)
                 flag = "--emb-dim" if what == "emb" else "--dec-emb-dim"
-                raise ValueError(f"argument {flag}: {dim} must divide by 4 and by its heads ({heads})")
+                raise ValueError(f"argument {flag}: {dim} must divide by 4 and by its heads "
+                                 f"({heads})")
         if self.image_size % self.patch_size:
-            fits = [p for p in (2, 4, 7, 8, 14, 16, 32) if self.image_size % p == 0 and p < self.image_size]
-            raise ValueError(f"argument --image-size: {self.image_size} is not a multiple of --patch-size "
-                             f"{self.patch_size}" + (f" (patch sizes that divide it: {fits})" if fits else ""))
+            fits = [p for p in (2, 4, 7, 8, 14, 16, 32)
+                    if self.image_size % p == 0 and p < self.image_size]
+            raise ValueError(f"argument --image-size: {self.image_size} is not a multiple of "
+                             f"--patch-size {self.patch_size}"
+                             + (f" (patch sizes that divide it: {fits})" if fits else ""))
 
     @property
     def grid_size(self):
@@ -97,12 +112,13 @@ class M3AEConfig:
         return self.patch_size**2 * self.in_chans
 
 
-# width/depth/heads per preset (paper Table 6 / official get_transformer_by_config). `tiny` is ours: small
-# enough to pretrain on 2 CPU cores in minutes: 32 px images, 8 px patches (a 4x4 grid, 4 visible at mask 0.75),
-# 24-token captions (the built-in captions' 99th percentile), 128 wide, 4 deep.
+# width/depth/heads per preset (paper Table 6 / official get_transformer_by_config). `tiny` is ours:
+# small enough to pretrain on 2 CPU cores in minutes: 32 px images, 8 px patches (a 4x4 grid, 4
+# visible at mask 0.75), 24-token captions (the built-in captions' 99th percentile), 128 wide, 4
+# deep.
 PRESETS = {
-    "tiny": dict(image_size=32, patch_size=8, vocab_size=1024, text_len=24, emb_dim=128, depth=4, num_heads=4,
-                 dec_emb_dim=128, dec_depth=2, dec_num_heads=4),
+    "tiny": dict(image_size=32, patch_size=8, vocab_size=1024, text_len=24, emb_dim=128, depth=4,
+                 num_heads=4, dec_emb_dim=128, dec_depth=2, dec_num_heads=4),
     "small": dict(emb_dim=384, depth=12, num_heads=6),
     "base": dict(emb_dim=768, depth=12, num_heads=12),
     "large": dict(emb_dim=1024, depth=24, num_heads=16),
@@ -111,7 +127,8 @@ PRESETS = {
 
 
 def make_config(preset="base", **overrides):
-    """A preset's config with any field overridden, e.g. make_config("tiny", text_mask_ratio=0.5)."""
+    """A preset's config with any field overridden, e.g. make_config("tiny",
+    text_mask_ratio=0.5)."""
     names = {f.name for f in fields(M3AEConfig)}
     unknown = set(overrides) - names
     if unknown:
@@ -126,7 +143,8 @@ def make_config(preset="base", **overrides):
 
 
 def sincos_1d(dim, positions):
-    """(L,) positions -> (L, dim): first half sin, second half cos, frequencies 1/10000^(i/(dim/2))."""
+    """(L,) positions -> (L, dim): first half sin, second half cos, frequencies
+    1/10000^(i/(dim/2))."""
     assert dim % 2 == 0
     omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
     angles = positions.to(torch.float64)[:, None] * omega[None, :]  # (L, dim/2)
@@ -134,11 +152,12 @@ def sincos_1d(dim, positions):
 
 
 def sincos_2d(dim, grid_size):
-    """(grid_size**2, dim) table for a row-major patch grid: the column coordinate fills the first half of
-    the dimensions and the row coordinate the second half (mae's and official's layout)."""
+    """(grid_size**2, dim) table for a row-major patch grid: the column coordinate fills the first
+    half of the dimensions and the row coordinate the second half (mae's and official's layout)."""
     assert dim % 4 == 0
     rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
-    return torch.cat([sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], dim=1)
+    return torch.cat([sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())],
+                     dim=1)
 
 
 # -----------------------------------------------------------------------------
@@ -146,9 +165,9 @@ def sincos_2d(dim, grid_size):
 
 
 def _unhide_empty_rows(key_padding_mask):
-    """A sample whose keys are all padding would softmax over nothing (NaN with -inf, and NaN survives a later
-    torch.where in the backward pass). Un-hide its keys so softmax stays finite; the caller zeros its output.
-    Returns (the mask to use, empty_rows (B,) bool)."""
+    """A sample whose keys are all padding would softmax over nothing (NaN with -inf, and NaN
+    survives a later torch.where in the backward pass). Un-hide its keys so softmax stays finite;
+    the caller zeros its output. Returns (the mask to use, empty_rows (B,) bool)."""
     empty_rows = key_padding_mask.all(dim=1)  # (B,)
     return key_padding_mask & ~empty_rows[:, None], empty_rows
 
@@ -156,15 +175,17 @@ def _unhide_empty_rows(key_padding_mask):
 def attention_weights(q, k, key_padding_mask=None):
     """softmax(q k^T / sqrt(hs)) over the visible keys: the math path's weights, (B, nh, Tq, Tk).
 
-    q: (B, nh, Tq, hs); k: (B, nh, Tk, hs); key_padding_mask: (B, Tk) bool, True = padding, or None. A padded
-    key gets weight 0; a sample with no visible key gets rows of zeros. Each other row sums to 1."""
+    q: (B, nh, Tq, hs); k: (B, nh, Tk, hs); key_padding_mask: (B, Tk) bool, True = padding, or None.
+    A padded key gets weight 0; a sample with no visible key gets rows of zeros. Each other row sums
+    to 1."""
     empty_rows = None
     if key_padding_mask is not None:
         key_padding_mask, empty_rows = _unhide_empty_rows(key_padding_mask)
     scores = (q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5  # (B, nh, Tq, Tk)
     if key_padding_mask is not None:
         # official replaces padded logits by -1e7; the most negative float is the same after softmax
-        scores = scores.masked_fill(key_padding_mask[:, None, None, :], torch.finfo(scores.dtype).min)
+        scores = scores.masked_fill(key_padding_mask[:, None, None, :],
+                                    torch.finfo(scores.dtype).min)
     weights = scores.softmax(dim=-1)
     if empty_rows is not None:
         weights = weights.masked_fill(empty_rows[:, None, None, None], 0.0)
@@ -174,20 +195,24 @@ def attention_weights(q, k, key_padding_mask=None):
 def attention(q, k, v, key_padding_mask=None, impl="sdpa", never_empty=False):
     """Multi-head attention with an optional key-padding mask: one function, three implementations.
 
-    q: (B, nh, Tq, hs); k, v: (B, nh, Tk, hs); key_padding_mask: (B, Tk) bool, True = padding (hidden as
-    a key) or None. Returns (B, nh, Tq, hs). A query whose keys are all padding gets zeros (never NaN); in
-    the model this cannot happen because CLS is always a visible key.
-    impl: "math" (readable reference: attention_weights @ v), "sdpa" (torch's scaled_dot_product_attention),
-    "triton" (our fused kernel in kernels/), "auto" (SDPA off CUDA; on CUDA kernels/dispatch.py's choice for
-    the sequence length and head dim, from measurements). Only "math" forms the weights; M3AE.attention_maps reads them through attention_weights.
-    never_empty=True: the caller guarantees that every sample has a visible key (M3AE: CLS is never padding), so
-    "sdpa" skips its guard against all-padding rows (un-hide their keys, then zero their output: one more pass
-    over the output in the forward and one in the backward). The other paths need no guard.
+    q: (B, nh, Tq, hs); k, v: (B, nh, Tk, hs); key_padding_mask: (B, Tk) bool, True = padding
+    (hidden as a key) or None. Returns (B, nh, Tq, hs). A query whose keys are all padding gets
+    zeros (never NaN); in the model this cannot happen because CLS is always a visible key.
+    impl: "math" (readable reference: attention_weights @ v), "sdpa" (torch's
+    scaled_dot_product_attention), "triton" (our fused kernel in kernels/), "auto" (SDPA off CUDA;
+    on CUDA kernels/dispatch.py's choice for the sequence length and head dim, from measurements).
+    Only "math" forms the weights; M3AE.attention_maps reads them through attention_weights.
+    never_empty=True: the caller guarantees that every sample has a visible key (M3AE: CLS is never
+    padding), so "sdpa" skips its guard against all-padding rows (un-hide their keys, then zero
+    their output: one more pass over the output in the forward and one in the backward). The other
+    paths need no guard.
     """
-    if impl == "triton" or (impl == "auto" and q.is_cuda):  # the fused kernel and when it pays: kernels/
+    # the fused kernel and when it pays: kernels/
+    if impl == "triton" or (impl == "auto" and q.is_cuda):
         from kernels.dispatch import fused_attention
 
-        y = fused_attention(q, k, v, key_padding_mask, auto=impl == "auto")  # None: SDPA is faster here
+        # None: SDPA is faster here
+        y = fused_attention(q, k, v, key_padding_mask, auto=impl == "auto")
         if y is not None:
             return y
         impl = "sdpa"
@@ -200,7 +225,8 @@ def attention(q, k, v, key_padding_mask=None, impl="sdpa", never_empty=False):
     empty_rows = None
     if key_padding_mask is not None and not never_empty:
         key_padding_mask, empty_rows = _unhide_empty_rows(key_padding_mask)
-    attn_mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]  # True = attend
+    # True = attend
+    attn_mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, nh, Tq, hs)
     if empty_rows is not None:
         y = y.masked_fill(empty_rows[:, None, None, None], 0.0)
@@ -216,7 +242,8 @@ class SelfAttention(nn.Module):
         super().__init__()
         assert dim % num_heads == 0
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=True)  # output laid out [q | k | v], heads contiguous
+        # output laid out [q | k | v], heads contiguous
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim)
 
     def heads(self, x):
@@ -262,7 +289,8 @@ class Transformer(nn.Module):
 
     def __init__(self, dim, depth, num_heads, mlp_ratio, ln_eps, gelu):
         super().__init__()
-        self.blocks = nn.ModuleList([Block(dim, num_heads, mlp_ratio, ln_eps, gelu) for _ in range(depth)])
+        self.blocks = nn.ModuleList([Block(dim, num_heads, mlp_ratio, ln_eps, gelu)
+                                     for _ in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=ln_eps)
 
     def forward(self, x, key_padding_mask=None, impl="sdpa"):
@@ -276,7 +304,8 @@ class Transformer(nn.Module):
 
 
 def patchify(images, p):
-    """(B, C, H, W) -> (B, N, p*p*C), grid row-major, each patch flattened in (row, col, channel) order."""
+    """(B, C, H, W) -> (B, N, p*p*C), grid row-major, each patch flattened in (row, col, channel)
+    order."""
     B, C, H, W = images.shape
     h, w = H // p, W // p
     x = images.reshape(B, C, h, p, w, p).permute(0, 2, 4, 3, 5, 1)  # (B, h, w, p, p, C)
@@ -292,7 +321,8 @@ def unpatchify(patches, p, channels=3):
 
 
 def num_kept(length, mask_ratio):
-    """keep = floor(L * (1 - ratio)), as official: 64 of 256 patches and 16 of 64 text slots at 0.75."""
+    """keep = floor(L * (1 - ratio)), as official: 64 of 256 patches and 16 of 64 text slots at
+    0.75."""
     return int(length * (1.0 - mask_ratio))
 
 
@@ -309,8 +339,8 @@ class Masking(NamedTuple):
 
 
 def masking_from_order(order, keep):
-    """The Masking that keeps the `keep` lowest entries of each row of `order` (B, L) (a stable sort: ties
-    keep their natural order)."""
+    """The Masking that keeps the `keep` lowest entries of each row of `order` (B, L) (a stable
+    sort: ties keep their natural order)."""
     ids_shuffle = order.argsort(dim=1, stable=True)
     ids_restore = ids_shuffle.argsort(dim=1)
     mask = (ids_restore >= keep).float()  # 1 = removed
@@ -318,18 +348,21 @@ def masking_from_order(order, keep):
 
 
 def random_masking(noise, mask_ratio):
-    """The paper's rule (section 3.2): per sample, keep the floor(L x (1 - ratio)) positions of lowest noise
-    (mae's scheme; official draws one noise row for the whole batch, which equal rows reproduce). noise: (B, L)
-    floats. A different masking strategy is a different function returning a Masking."""
+    """The paper's rule (section 3.2): per sample, keep the floor(L x (1 - ratio)) positions of
+    lowest noise (mae's scheme; official draws one noise row for the whole batch, which equal rows
+    reproduce). noise: (B, L) floats. A different masking strategy is a different function returning
+    a Masking."""
     return masking_from_order(noise, num_kept(noise.size(1), mask_ratio))
 
 
 def visible_masking(visible):
-    """An explicit choice of visible tokens: visible (B, L) bool, True = the encoder sees it, the same count in
-    every row (so the batch stays one tensor). The visible ones enter in their natural order."""
+    """An explicit choice of visible tokens: visible (B, L) bool, True = the encoder sees it, the
+    same count in every row (so the batch stays one tensor). The visible ones enter in their natural
+    order."""
     counts = visible.sum(dim=1)
     if len(counts) and not bool((counts == counts[0]).all()):
-        raise ValueError(f"visible: every row must show as many tokens (got {sorted(set(counts.tolist()))})")
+        raise ValueError("visible: every row must show as many tokens (got "
+                         f"{sorted(set(counts.tolist()))})")
     return masking_from_order((~visible).to(torch.uint8), int(counts[0]) if len(counts) else 0)
 
 
@@ -339,7 +372,8 @@ def gather_tokens(x, ids):
 
 
 def unshuffle(kept, mask_token, ids_restore):
-    """Append mask tokens to the kept tokens (B, keep, D) and undo the shuffle: -> (B, L, D), natural order."""
+    """Append mask tokens to the kept tokens (B, keep, D) and undo the shuffle: -> (B, L, D),
+    natural order."""
     B, L = ids_restore.shape
     full = torch.cat([kept, mask_token.expand(B, L - kept.size(1), -1)], dim=1)  # shuffled order
     return gather_tokens(full, ids_restore)
@@ -350,8 +384,8 @@ def unshuffle(kept, mask_token, ids_restore):
 
 
 def patch_mse(pred, target, norm_pix=False):
-    """Squared error per patch, (B, M): pred, target (B, M, p*p*C). norm_pix normalises each target patch by its
-    own mean and variance (mae's option; unbiased variance, eps 1e-6, as mae)."""
+    """Squared error per patch, (B, M): pred, target (B, M, p*p*C). norm_pix normalises each target
+    patch by its own mean and variance (mae's option; unbiased variance, eps 1e-6, as mae)."""
     if norm_pix:
         mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
         target = (target - mean) / (var + 1e-6).sqrt()
@@ -359,15 +393,17 @@ def patch_mse(pred, target, norm_pix=False):
 
 
 def token_ce(logits, tokens):
-    """Cross-entropy per token, (B, M) float32: logits (B, M, V) (any float dtype), tokens (B, M). The class
-    dim stays the last, contiguous one, and log_softmax reads bf16 logits without an fp32 copy first."""
+    """Cross-entropy per token, (B, M) float32: logits (B, M, V) (any float dtype), tokens (B, M).
+    The class dim stays the last, contiguous one, and log_softmax reads bf16 logits without an fp32
+    copy first."""
     logp = F.log_softmax(logits.flatten(0, 1), dim=-1, dtype=torch.float32)  # (B*M, V)
     return F.nll_loss(logp, tokens.flatten(), reduction="none").view(tokens.shape)
 
 
 def per_sample_mean(values, weights):
-    """sum(values x weights) / max(sum(weights), 1e-5) per sample (official), then the batch mean: a sample with
-    nothing to score adds 0 but still counts, so the loss is never NaN. values, weights: (B, M)."""
+    """sum(values x weights) / max(sum(weights), 1e-5) per sample (official), then the batch mean: a
+    sample with nothing to score adds 0 but still counts, so the loss is never NaN. values, weights:
+    (B, M)."""
     return ((values * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-5)).mean()
 
 
@@ -376,8 +412,9 @@ def per_sample_mean(values, weights):
 
 
 class Encoded(NamedTuple):
-    """The encoder's output on a masked input: x (B, 1 + K_img + K_txt, D) after the final norm, the Masking of
-    each modality (None when absent) and the text padding mask (B, T) (None without text)."""
+    """The encoder's output on a masked input: x (B, 1 + K_img + K_txt, D) after the final norm, the
+    Masking of each modality (None when absent) and the text padding mask (B, T) (None without
+    text)."""
     x: torch.Tensor
     image: Optional[Masking]
     text: Optional[Masking]
@@ -385,7 +422,8 @@ class Encoded(NamedTuple):
 
 
 class M3AE(nn.Module):
-    """One ViT encoder over [CLS, visible patches, visible text], an MAE-style decoder over everything.
+    """One ViT encoder over [CLS, visible patches, visible text], an MAE-style decoder over
+    everything.
 
     The same weights run three modes, chosen by which inputs are given: paired (images and text),
     image-only (text=None: exactly MAE, the paper's baseline) and text-only (images=None).
@@ -395,7 +433,8 @@ class M3AE(nn.Module):
         super().__init__()
         self.config = c = config
         D, Dd = c.emb_dim, c.dec_emb_dim
-        # encoder inputs: a linear patch projection and a token table (no sqrt(D) scaling, as official)
+        # encoder inputs: a linear patch projection and a token table (no sqrt(D) scaling, as
+        # official)
         self.patch_embed = nn.Linear(c.patch_dim, D)
         self.text_embed = nn.Embedding(c.vocab_size, D)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
@@ -406,9 +445,11 @@ class M3AE(nn.Module):
         self.dec_text_type = nn.Parameter(torch.zeros(1, 1, Dd))
         # fixed sin-cos positions: buffers, not saved (recomputed from the config), none on CLS
         self.register_buffer("enc_image_pos", sincos_2d(D, c.grid_size)[None], persistent=False)
-        self.register_buffer("enc_text_pos", sincos_1d(D, torch.arange(c.text_len))[None], persistent=False)
+        self.register_buffer("enc_text_pos", sincos_1d(D, torch.arange(c.text_len))[None],
+                             persistent=False)
         self.register_buffer("dec_image_pos", sincos_2d(Dd, c.grid_size)[None], persistent=False)
-        self.register_buffer("dec_text_pos", sincos_1d(Dd, torch.arange(c.text_len))[None], persistent=False)
+        self.register_buffer("dec_text_pos", sincos_1d(Dd, torch.arange(c.text_len))[None],
+                             persistent=False)
 
         self.encoder = Transformer(D, c.depth, c.num_heads, c.mlp_ratio, c.ln_eps, c.gelu)
         # decoder: one projection shared by CLS, image and text; a mask token per modality
@@ -421,8 +462,9 @@ class M3AE(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        # Official init (mae agrees except where noted): xavier-uniform Linear weights (the fused qkv as one
-        # matrix), zero biases, LayerNorm 1/0, normal(0.02) for CLS, type embeddings and mask tokens.
+        # Official init (mae agrees except where noted): xavier-uniform Linear weights (the fused
+        # qkv as one matrix), zero biases, LayerNorm 1/0, normal(0.02) for CLS, type embeddings and
+        # mask tokens.
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -439,7 +481,8 @@ class M3AE(nn.Module):
     # --- embeddings -------------------------------------------------------------------------------
 
     def embed_image(self, images):
-        """(B, C, H, W) -> (B, N, D): patch projection + 2D position + image type (before masking)."""
+        """(B, C, H, W) -> (B, N, D): patch projection + 2D position + image type (before
+        masking)."""
         x = self.patch_embed(patchify(images, self.config.patch_size))
         return x + self.enc_image_pos + self.enc_image_type
 
@@ -452,16 +495,19 @@ class M3AE(nn.Module):
             raise ValueError("give images, text or both")
         if text is not None:
             if text.size(1) > self.config.text_len:
-                raise ValueError(f"text has {text.size(1)} tokens, config.text_len is {self.config.text_len}")
+                raise ValueError(f"text has {text.size(1)} tokens, config.text_len is "
+                                 f"{self.config.text_len}")
             if text_padding_mask is None:
                 text_padding_mask = text == 0  # pad id 0
             if text_padding_mask.dtype != torch.bool or text_padding_mask.shape != text.shape:
-                raise ValueError("text_padding_mask must be a bool tensor shaped like text (True = padding)")
+                raise ValueError("text_padding_mask must be a bool tensor shaped like text "
+                                 "(True = padding)")
         return text_padding_mask
 
     def masking(self, batch_size, length, ratio, noise=None, visible=None, device=None):
-        """One modality's Masking: `visible` (B, L) bool if given, else random_masking of `noise` (B, L) or of
-        fresh uniform noise, at `ratio`. The only place a forward decides what is hidden."""
+        """One modality's Masking: `visible` (B, L) bool if given, else random_masking of `noise`
+        (B, L) or of fresh uniform noise, at `ratio`. The only place a forward decides what is
+        hidden."""
         if visible is not None:
             return visible_masking(visible.to(device))
         if noise is None:
@@ -472,10 +518,12 @@ class M3AE(nn.Module):
 
     # --- encoder ----------------------------------------------------------------------------------
 
-    def _encoder_input(self, images, text, text_padding_mask, image_masking=None, text_masking=None):
-        """The encoder's input before any block: [CLS, patches, text slots], each embedded with its position and
-        type; a modality with a Masking keeps its visible tokens only, one without keeps all in natural order.
-        Returns (x (B, S, D), pad (B, S) bool, True = padding, or None without text)."""
+    def _encoder_input(self, images, text, text_padding_mask, image_masking=None,
+                       text_masking=None):
+        """The encoder's input before any block: [CLS, patches, text slots], each embedded with its
+        position and type; a modality with a Masking keeps its visible tokens only, one without
+        keeps all in natural order. Returns (x (B, S, D), pad (B, S) bool, True = padding, or None
+        without text)."""
         B = images.size(0) if images is not None else text.size(0)
         device = self.cls_token.device
         xs = [self.cls_token.expand(B, -1, -1)]  # (B, 1, D)
@@ -489,26 +537,30 @@ class M3AE(nn.Module):
         if text is not None:
             x_txt, pad = self.embed_text(text), text_padding_mask  # (B, T, D), (B, T)
             if text_masking is not None:
-                # Padding slots take part in the draw (the paper's keep count includes them); a padding slot
-                # that stays visible is hidden as an attention key.
+                # Padding slots take part in the draw (the paper's keep count includes them); a
+                # padding slot that stays visible is hidden as an attention key.
                 ids = text_masking.ids_keep
-                x_txt, pad = gather_tokens(x_txt, ids), text_padding_mask.gather(1, ids)  # K_txt slots
+                # K_txt slots
+                x_txt, pad = gather_tokens(x_txt, ids), text_padding_mask.gather(1, ids)
             xs.append(x_txt)
             pads.append(pad)
         return torch.cat(xs, dim=1), (torch.cat(pads, dim=1) if text is not None else None)
 
-    def forward_encoder(self, images=None, text=None, text_padding_mask=None, image_noise=None, text_noise=None,
-                        image_visible=None, text_visible=None):
-        """Mask each modality (self.masking), then encode [CLS, visible patches, visible text]: an Encoded."""
+    def forward_encoder(self, images=None, text=None, text_padding_mask=None, image_noise=None,
+                        text_noise=None, image_visible=None, text_visible=None):
+        """Mask each modality (self.masking), then encode [CLS, visible patches, visible text]: an
+        Encoded."""
         c = self.config
         text_padding_mask = self._check_inputs(images, text, text_padding_mask)
         B = images.size(0) if images is not None else text.size(0)
         device = self.cls_token.device
         image_masking = text_masking = None
         if images is not None:
-            image_masking = self.masking(B, c.num_patches, c.image_mask_ratio, image_noise, image_visible, device)
+            image_masking = self.masking(B, c.num_patches, c.image_mask_ratio, image_noise,
+                                         image_visible, device)
         if text is not None:
-            text_masking = self.masking(B, text.size(1), c.text_mask_ratio, text_noise, text_visible, device)
+            text_masking = self.masking(B, text.size(1), c.text_mask_ratio, text_noise,
+                                        text_visible, device)
         x, pad = self._encoder_input(images, text, text_padding_mask, image_masking, text_masking)
         x = self.encoder(x, pad, c.attn_impl)  # (B, 1 + K_img + K_txt, D)
         return Encoded(x, image_masking, text_masking, text_padding_mask)
@@ -516,16 +568,20 @@ class M3AE(nn.Module):
     # --- decoder ----------------------------------------------------------------------------------
 
     def decode(self, enc):
-        """Re-insert mask tokens, unshuffle, add decoder positions and types, decode [CLS, all patches, all
-        text slots]. Returns the decoder's output per modality, before the heads: (x_img (B, N, Dd) or None,
-        x_txt (B, T, Dd) or None). How many tokens were visible is read from the Maskings."""
-        x = self.decoder_embed(enc.x)  # (B, 1 + K_img + K_txt, Dd): one projection for CLS, image and text
+        """Re-insert mask tokens, unshuffle, add decoder positions and types, decode [CLS, all
+        patches, all text slots]. Returns the decoder's output per modality, before the heads:
+        (x_img (B, N, Dd) or None, x_txt (B, T, Dd) or None). How many tokens were visible is read
+        from the Maskings."""
+        # (B, 1 + K_img + K_txt, Dd): one projection for CLS, image and text
+        x = self.decoder_embed(enc.x)
         B = x.size(0)
-        xs, pads = [x[:, :1]], [torch.zeros(B, 1, dtype=torch.bool, device=x.device)]  # CLS: (B, 1, Dd)
+        # CLS: (B, 1, Dd)
+        xs, pads = [x[:, :1]], [torch.zeros(B, 1, dtype=torch.bool, device=x.device)]
         n_img, start = 0, 1
         if enc.image is not None:
             n_img, keep = enc.image.ids_restore.size(1), enc.image.ids_keep.size(1)
-            x_img = unshuffle(x[:, start : start + keep], self.image_mask_token, enc.image.ids_restore)
+            x_img = unshuffle(x[:, start : start + keep], self.image_mask_token,
+                              enc.image.ids_restore)
             xs.append(x_img + self.dec_image_pos + self.dec_image_type)  # (B, N, Dd)
             pads.append(torch.zeros(B, n_img, dtype=torch.bool, device=x.device))
             start += keep
@@ -535,16 +591,18 @@ class M3AE(nn.Module):
             xs.append(x_txt + self.dec_text_pos[:, :T] + self.dec_text_type)  # (B, T, Dd)
             pads.append(enc.text_padding_mask)  # the decoder hides every padding slot (as official)
         pad = torch.cat(pads, dim=1) if enc.text is not None else None
-        x = self.decoder(torch.cat(xs, dim=1), pad, self.config.attn_impl)[:, 1:]  # decoder's CLS dropped
+        # decoder's CLS dropped
+        x = self.decoder(torch.cat(xs, dim=1), pad, self.config.attn_impl)[:, 1:]
         return (x[:, :n_img] if n_img else None), (x[:, n_img:] if enc.text is not None else None)
 
     # --- the loss: one method, one path on every device -------------------------------------------
 
     def forward_loss(self, images, text, enc, x_img, x_txt):
-        """The training objective (section 3.3), with each head run on the removed tokens only (the only ones
-        the loss reads: no logits for the visible text slots). Returns {"loss": the weighted sum, and each term
-        by name}; the term "<name>" is weighted by the config field "<name>_weight", so a new term is a few
-        lines here plus one field, and train.py logs it by name. An absent modality has no term."""
+        """The training objective (section 3.3), with each head run on the removed tokens only (the
+        only ones the loss reads: no logits for the visible text slots). Returns {"loss": the
+        weighted sum, and each term by name}; the term "<name>" is weighted by the config field
+        "<name>_weight", so a new term is a few lines here plus one field, and train.py logs it by
+        name. An absent modality has no term."""
         c, terms = self.config, {}
         if x_img is not None:
             ids = enc.image.ids_removed  # (B, M)
@@ -555,51 +613,55 @@ class M3AE(nn.Module):
         if x_txt is not None:
             ids = enc.text.ids_removed  # (B, M): removed padding slots are scored at weight 0
             ce = token_ce(self.text_head(gather_tokens(x_txt, ids)), text.gather(1, ids))  # (B, M)
-            terms["text_loss"] = per_sample_mean(ce, (~enc.text_padding_mask.gather(1, ids)).float())
+            terms["text_loss"] = per_sample_mean(ce,
+                                                 (~enc.text_padding_mask.gather(1, ids)).float())
         loss = sum(getattr(c, name + "_weight") * value for name, value in terms.items())
         return {"loss": loss, **terms}
 
-    def forward(self, images=None, text=None, text_padding_mask=None, image_noise=None, text_noise=None,
-                image_visible=None, text_visible=None):
-        """Masked reconstruction loss. images (B, 3, H, W) or None; text (B, T) int64 or None; text_padding_mask
-        (B, T) bool, True = pad (default: text == 0). What is hidden: *_visible (B, L) bool if given, else
-        random_masking of *_noise (B, L) (None: fresh noise) at the config's ratio. Returns forward_loss's dict:
-        the loss and its terms by name (the masks drawn: forward_encoder or reconstruct)."""
-        enc = self.forward_encoder(images, text, text_padding_mask, image_noise, text_noise, image_visible,
-                                   text_visible)
+    def forward(self, images=None, text=None, text_padding_mask=None, image_noise=None,
+                text_noise=None, image_visible=None, text_visible=None):
+        """Masked reconstruction loss. images (B, 3, H, W) or None; text (B, T) int64 or None;
+        text_padding_mask (B, T) bool, True = pad (default: text == 0). What is hidden: *_visible
+        (B, L) bool if given, else random_masking of *_noise (B, L) (None: fresh noise) at the
+        config's ratio. Returns forward_loss's dict: the loss and its terms by name (the masks
+        drawn: forward_encoder or reconstruct)."""
+        enc = self.forward_encoder(images, text, text_padding_mask, image_noise, text_noise,
+                                   image_visible, text_visible)
         return self.forward_loss(images, text, enc, *self.decode(enc))
 
     @torch.no_grad()
-    def reconstruct(self, images=None, text=None, text_padding_mask=None, image_noise=None, text_noise=None,
-                    image_visible=None, text_visible=None):
-        """What the decoder predicts everywhere, for looking at (viz.py), not for training: the same inputs as
-        forward; returns image_pred (B, N, p*p*C), text_logits (B, T, V) (None for an absent modality) and
-        image_mask / text_mask (1 = removed)."""
-        enc = self.forward_encoder(images, text, text_padding_mask, image_noise, text_noise, image_visible,
-                                   text_visible)
+    def reconstruct(self, images=None, text=None, text_padding_mask=None, image_noise=None,
+                    text_noise=None, image_visible=None, text_visible=None):
+        """What the decoder predicts everywhere, for looking at (viz.py), not for training: the same
+        inputs as forward; returns image_pred (B, N, p*p*C), text_logits (B, T, V) (None for an
+        absent modality) and image_mask / text_mask (1 = removed)."""
+        enc = self.forward_encoder(images, text, text_padding_mask, image_noise, text_noise,
+                                   image_visible, text_visible)
         x_img, x_txt = self.decode(enc)
         return dict(image_pred=self.image_head(x_img) if x_img is not None else None,
                     text_logits=self.text_head(x_txt) if x_txt is not None else None,
-                    image_mask=enc.image.mask if enc.image else None, text_mask=enc.text.mask if enc.text else None)
+                    image_mask=enc.image.mask if enc.image else None,
+                    text_mask=enc.text.mask if enc.text else None)
 
-    # --- downstream: the encoder on the whole, unmasked input ---------------------------------------
+    # --- downstream: the encoder on the whole, unmasked input -------------------------------------
 
     def encode(self, images=None, text=None, text_padding_mask=None):
-        """Encode without masking, for probes and visualisation. Returns (cls, tokens): cls (B, D) is the
-        CLS feature after the final norm (what the paper's linear probe reads); tokens (B, N [+ T], D) are
-        the patch (then text) features in their natural order."""
+        """Encode without masking, for probes and visualisation. Returns (cls, tokens): cls (B, D)
+        is the CLS feature after the final norm (what the paper's linear probe reads); tokens (B, N
+        [+ T], D) are the patch (then text) features in their natural order."""
         text_padding_mask = self._check_inputs(images, text, text_padding_mask)
         x, pad = self._encoder_input(images, text, text_padding_mask)
         x = self.encoder(x, pad, self.config.attn_impl)  # (B, 1 + N [+ T], D)
         return x[:, 0], x[:, 1:]
 
     def attention_maps(self, images=None, text=None, text_padding_mask=None):
-        """The encoder's attention weights on the whole, unmasked input (as the paper's Figures 7 and 8):
-        a list with one (B, nh, S, S) tensor per layer over the sequence [CLS, patches, text], S = 1 + N [+ T];
-        row = query, column = key. Each row sums to 1 and a padded key gets 0. It runs the math path whatever
-        config.attn_impl says (SDPA and the fused kernel never form the weights): each block's q and k are
-        recomputed from the block's input with the block's own modules. Call it under torch.no_grad() unless
-        you want gradients through the maps."""
+        """The encoder's attention weights on the whole, unmasked input (as the paper's Figures 7
+        and 8): a list with one (B, nh, S, S) tensor per layer over the sequence [CLS, patches,
+        text], S = 1 + N [+ T]; row = query, column = key. Each row sums to 1 and a padded key
+        gets 0. It runs the math path whatever config.attn_impl says (SDPA and the fused kernel
+        never form the weights): each block's q and k are recomputed from the block's input with the
+        block's own modules. Call it under torch.no_grad() unless you want gradients through the
+        maps."""
         text_padding_mask = self._check_inputs(images, text, text_padding_mask)
         x, pad = self._encoder_input(images, text, text_padding_mask)  # (B, S, D)
         maps = []
@@ -620,17 +682,18 @@ def count_parameters(config):
     counts = {
         "encoder (ViT image path)": n(model.encoder) + image_in,
         "text embedding + type": n(model.text_embed) + model.enc_text_type.numel(),
-        "decoder (with heads, mask tokens)": n(model) - n(model.encoder) - image_in - n(model.text_embed)
-        - model.enc_text_type.numel(),
+        "decoder (with heads, mask tokens)": n(model) - n(model.encoder) - image_in
+        - n(model.text_embed) - model.enc_text_type.numel(),
     }
     counts["total"] = n(model)
     return counts
 
 
 if __name__ == "__main__":
-    # `python model.py`: parameter counts per preset. ViT-B/16 encoder: about 86M, as in the ViT paper.
+    # `python model.py`: parameter counts per preset. ViT-B/16 encoder: about 86M, as in the ViT
+    # paper.
     for name in PRESETS:
         cfg = make_config(name)
         parts = ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in count_parameters(cfg).items())
-        print(f"{name:>5} ({cfg.emb_dim}/{cfg.depth}/{cfg.num_heads}, {cfg.image_size}px/{cfg.patch_size}, "
-              f"vocab {cfg.vocab_size}): {parts}")
+        print(f"{name:>5} ({cfg.emb_dim}/{cfg.depth}/{cfg.num_heads}, "
+              f"{cfg.image_size}px/{cfg.patch_size}, vocab {cfg.vocab_size}): {parts}")
