@@ -676,7 +676,8 @@ def figure_recon(model, tokenizer, batch, noise, view, ctx, samples):
                  "text: removed slots blue in the caption, blanks in the masked caption; [top-1 "
                  "prediction] green = right, red = wrong (M3AE: image + visible words; text-only: "
                  "no image)"]
-    title = header("Masked reconstruction (image and caption)", ctx, lines)
+    what = "image and caption" if text is not None else "image only"
+    title = header(f"Masked reconstruction ({what})", ctx, lines)
     S, n = view.S, len(images)
     lay = recon_layout(n, S, text=text is not None)
     canvas, draw = new_canvas(lay, title)

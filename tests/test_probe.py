@@ -556,7 +556,7 @@ def bad_checkpoints(tmp_path):
     return paths, marker
 
 
-def test_a_bad_ckpt_is_one_line_and_exit_2_never_unpickled(tmp_path, capsys):
+def test_a_bad_ckpt_is_one_line_and_exit_2_never_unpickled(tmp_path, capsys, ckpt):
     paths, marker = bad_checkpoints(tmp_path)
     for what, path in paths.items():
         with pytest.raises(SystemExit) as e:
@@ -567,6 +567,10 @@ def test_a_bad_ckpt_is_one_line_and_exit_2_never_unpickled(tmp_path, capsys):
     assert not marker.exists()  # the pickle's os.system never ran
     assert "refused" in probe_error(capsys, paths["pickle"], tmp_path)
     assert not (tmp_path / "r.json").exists()
+    # a checkpoint whose tokenizer entry is garbage: the probe reads images only, and runs
+    torch.save(dict(torch.load(ckpt, weights_only=True),
+                    tokenizer={"kind": "sentencepiece", "blob": b"\x00garbage"}), tmp_path / "tok.pt")
+    assert probe.main(["--ckpt", str(tmp_path / "tok.pt"), *SMALL, "--out", str(tmp_path / "t.json")])
 
 
 def probe_error(capsys, ckpt, tmp_path):
