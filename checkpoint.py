@@ -64,6 +64,8 @@ def read(path, map_location="cpu", mmap=False):
     garbage, a pickle that would run code."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path}: an empty file, not a checkpoint")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:
@@ -92,8 +94,12 @@ def load_model(path, map_location="cpu", **config_overrides):
     """Build an M3AE from a checkpoint written by train.py or convert.py. Returns (model,
     checkpoint)."""
     ckpt = read(path, map_location)
-    model = M3AE(model_config(ckpt, **config_overrides))
-    model.load_state_dict(ckpt["model"])
+    try:
+        model = M3AE(model_config(ckpt, **config_overrides))
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, ValueError, TypeError) as e:  # a config or weights that do not fit the model
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: its weights do not fit its config: {first}") from None
     return model, ckpt
 
 
@@ -203,8 +209,8 @@ def write_tmp(path, write, mode="wb"):
         if full:
             raise DiskFull(errno.ENOSPC, f"no space left on the device of {folder} while writing "
                            f"{os.path.basename(path)} ({shutil.disk_usage(folder).free >> 20} MiB "
-                           "free); the file is as it was: free space, then run again (train.py: "
-                           "--resume)") from e
+                           "free); the file is as it was: free space, then run the command again "
+                           "(train.py: with --resume)") from e
         raise
 
 

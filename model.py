@@ -504,17 +504,18 @@ class M3AE(nn.Module):
                                  "(True = padding)")
         return text_padding_mask
 
-    def masking(self, batch_size, length, ratio, noise=None, visible=None, device=None):
-        """One modality's Masking: `visible` (B, L) bool if given, else random_masking of `noise`
-        (B, L) or of fresh uniform noise, at `ratio`. The only place a forward decides what is
-        hidden."""
+    def masking(self, batch_size, length, ratio, noise=None, visible=None, device=None,
+                rule=random_masking):
+        """One modality's Masking: `visible` (B, L) bool if given, else rule(noise, ratio) (the
+        paper's random_masking) of `noise` (B, L) or of fresh uniform noise. The only place a
+        forward decides what is hidden; a fork's masking rule is passed as `rule`."""
         if visible is not None:
             return visible_masking(visible.to(device))
         if noise is None:
             noise = torch.rand(batch_size, length, device=device)
         if noise.shape != (batch_size, length):
             raise ValueError(f"noise must be ({batch_size}, {length}), got {tuple(noise.shape)}")
-        return random_masking(noise.to(device), ratio)
+        return rule(noise.to(device), ratio)
 
     # --- encoder ----------------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@
     OUT_DIR/ckpt.pt        the latest checkpoint; ckpt_prev.pt the one before it (checkpoint.py
                            writes both)
     OUT_DIR/log.jsonl      one record per logged step (a resume drops the records it will replay)
+    OUT_DIR/curves.png     the log drawn (plots.training_curves), at each save
     OUT_DIR/tokenizer.model or vocab.txt    the run's tokenizer
     OUT_DIR/outputs.txt    what probe.py, ood.py and viz.py wrote here (so that --overwrite can
                            remove it)
@@ -30,7 +31,8 @@ from checkpoint import CKPT, PREV, DiskFull, is_our_tmp, write_atomic
 
 CONFIG, LOG, TOKENIZER, VOCAB, LOCK, OUTPUTS = ("config.json", "log.jsonl", "tokenizer.model",
                                                 "vocab.txt", ".lock", "outputs.txt")
-RUN_FILES = (CKPT, PREV, CONFIG, LOG, TOKENIZER, VOCAB, "probe.json", "curves.png", OUTPUTS)
+CURVES = "curves.png"
+RUN_FILES = (CKPT, PREV, CONFIG, LOG, TOKENIZER, VOCAB, "probe.json", CURVES, OUTPUTS)
 
 
 class RunDirError(Exception):

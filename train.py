@@ -43,6 +43,7 @@ from tqdm import tqdm
 import builtin
 import checkpoint
 import data
+import plots
 import probe
 import rundir
 from model import M3AE, PRESETS, M3AEConfig, make_config, num_kept
@@ -402,6 +403,18 @@ def save(t, env, run, extra):
         checkpoint.save_checkpoint(checkpoint.checkpoint_dict(
             t.model, optimizer=t.optimizer.state_dict(), rng=rng, args=asdict(run), **t.progress(), **extra),
             run.out_dir)
+        draw_curves(run.out_dir)
+
+
+def draw_curves(out_dir):
+    """OUT_DIR/curves.png from log.jsonl: every loss term by name, lr, grad norm, images/s. A chart that
+    cannot be drawn is a warning, never the end of a run."""
+    try:
+        sheet = plots.training_curves([out_dir])
+        if sheet is not None:
+            plots.save_png(sheet, os.path.join(out_dir, rundir.CURVES))
+    except Exception as e:  # noqa: BLE001 (a picture must not cost a run)
+        print(f"warning: {rundir.CURVES} not drawn: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
 
 
 # -----------------------------------------------------------------------------

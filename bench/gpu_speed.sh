@@ -18,7 +18,7 @@
 #                   train.py --preset base --wds-shards ... --steps 30 --log-every 10, compiled, default
 #                   workers (CPUs - 1); log.jsonl's images/s and MFU after compilation, against `compiled`'s
 #   loader          the same input pipeline alone (bench/loader_speed.py): is it the limit?
-#   eager_auto      --no-compile, attn auto (SDPA in the encoder, ours in the decoder: model.attention_impl)
+#   eager_auto      --no-compile, attn auto (SDPA in the encoder, ours in the decoder: kernels/dispatch.py)
 #   eager_sdpa      --no-compile --attn sdpa
 #   eager_triton    --no-compile --attn triton
 #   compiled_sdpa   --compile --attn sdpa (2026-11-26: 90.2 ms)
