@@ -250,9 +250,30 @@ def finite_or_raise(obj, where="result"):
         raise ValueError(f"{where} is {obj}")
 
 
+def own_result_path(path, result):
+    """`path`, unless it already holds the result of another dataset (other folders under the same
+    name, e.g. two datasets whose folders are both called probe_train): then the name gets a short
+    hash of this result's folders, and a note says so. A result never silently replaces another
+    dataset's."""
+    try:
+        with open(path) as f:
+            old = json.load(f).get("folders")
+    except (OSError, ValueError, AttributeError):
+        return path
+    if old is None or old == result.get("folders"):
+        return path
+    tag = hashlib.sha256(json.dumps(result.get("folders"), sort_keys=True).encode()).hexdigest()[:6]
+    stem, ext = os.path.splitext(path)
+    mine = f"{stem}-{tag}{ext}"
+    print(f"note: {path} holds the result of other folders ({old}); writing {mine} instead")
+    return mine
+
+
 def write_result(result, path, folder=None):
     """The result as JSON (write_output), never with NaN or infinity: a number that is not finite,
-    or a write that fails, ends the run with one line instead of a file that reads like a result."""
+    or a write that fails, ends the run with one line instead of a file that reads like a result.
+    Returns the path written (own_result_path: never another dataset's result file)."""
+    path = own_result_path(path, result)
     try:
         finite_or_raise(result)
         text = json.dumps(result, indent=2, allow_nan=False)

@@ -234,7 +234,7 @@ def main(argv=None):
         seconds=dict(features=round(t_features, 1), total=round(time.perf_counter() - t0, 1)),
     )
     out = out_path_for(args.ckpt, args.out, args.preset, args.random_init, name)
-    write_result(result, out, d.run_dir)
+    out = write_result(result, out, d.run_dir)
     who = "random-init encoder" if args.random_init else args.ckpt
     print(f"{who}: OOD detection, {len(x_in)} in-distribution ({d.name}) vs {len(x_ood)} OOD test "
           f"samples (fit on {len(train.x)}; MSP head base lr {fit['recipe']['base_lr']:g}, test "

@@ -624,7 +624,7 @@ def main(argv=None):
         seconds=dict(features=round(t_features, 1), head=fit["seconds"]))
     out = out_path_for(args.ckpt, args.out, args.preset, args.random_init,
                        result_name("probe", d, args.mode, args.recipe))
-    write_result(result, out, d.run_dir)
+    out = write_result(result, out, d.run_dir)
     if args.save_head:
         view = dict(image_size=model.config.image_size, crop_pct=d.crop_pct, mean=list(d.mean),
                     std=list(d.std))

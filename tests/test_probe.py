@@ -654,3 +654,23 @@ def test_results_are_written_atomically_and_recorded_for_overwrite(ckpt, tmp_pat
     monkeypatch.undo()
     probe.main(["--ckpt", str(ckpt), *SMALL, "--out", str(tmp_path / "elsewhere.json")])
     assert (tmp_path / "elsewhere.json").exists() and "elsewhere.json" not in rundir.run_files(str(ckpt.parent))
+
+
+def test_a_result_never_replaces_another_datasets(tmp_path, ckpt, capsys):
+    """Two datasets whose folders share a name (both called probe_train): the second result goes to its own
+    file and says so; it replaced the first one's silently before (78.22% became 39.22%)."""
+    names = []
+    for k, where in enumerate(("first", "second")):
+        train_dir, test_dir = solid_colour_folders(tmp_path / where, [20, 20, 20], 6, seed=k)
+        (tmp_path / where / "probe_train").mkdir()
+        os.rename(train_dir, tmp_path / where / "probe_train" / "train")
+        argv = ["--ckpt", str(ckpt), "--train-dir", str(tmp_path / where / "probe_train" / "train"),
+                "--test-dir", str(test_dir), "--epochs", "2", "--cache-dir", str(tmp_path / "features")]
+        probe.main(argv)
+        names.append(sorted(n for n in os.listdir(ckpt.parent) if n.startswith("probe_probe_train")))
+    assert len(names[0]) == 1 and len(names[1]) == 2  # the first file is still there, beside the second
+    first = json.loads((ckpt.parent / names[0][0]).read_text())
+    assert str(tmp_path / "first") in json.dumps(first["folders"])
+    assert "holds the result of other folders" in capsys.readouterr().out
+    probe.main(argv)  # the same dataset again: its own file is replaced, no third one
+    assert len([n for n in os.listdir(ckpt.parent) if n.startswith("probe_probe_train")]) == 2
