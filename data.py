@@ -459,20 +459,31 @@ def _require_folder(root):
         raise ValueError(f"{root}: not a folder")
 
 
-class ImageFolder(torch.utils.data.Dataset):
-    """root/<class>/**/*.jpg -> dict(image=path, label); classes are the sorted folder names. A
-    missing folder, one without class sub-folders, or no image in any of them: ValueError naming the
-    folder."""
+def class_folders(root):
+    """The class names of an ImageFolder root: its sub-folders (links followed), sorted, hidden ones
+    left out."""
+    return sorted(d.name for d in os.scandir(root) if _is_dir(d) and not d.name.startswith("."))
 
-    def __init__(self, root):
+
+class ImageFolder(torch.utils.data.Dataset):
+    """root/<class>/**/*.jpg -> dict(image=path, label); classes are the sorted folder names, or
+    `classes` when given (another folder's list: labels index into it, and root may lack some of
+    them, e.g. a test folder evaluated on the classes it has). A missing folder, one without class
+    sub-folders, one with a class not in `classes`, or no image in any of them: ValueError naming
+    the folder."""
+
+    def __init__(self, root, classes=None):
         _require_folder(root)
-        self.classes = sorted(d.name for d in os.scandir(root)
-                              if _is_dir(d) and not d.name.startswith("."))
-        if not self.classes:
+        present = class_folders(root)
+        if classes is not None and set(present) - set(classes):
+            raise ValueError(f"{root}: class folders not in the training folder's: "
+                             f"{', '.join(sorted(set(present) - set(classes)))}")
+        self.classes = list(classes) if classes is not None else present
+        if not present:
             raise ValueError(f"{root}: no class sub-folders (ImageFolder reads "
                              "root/<class>/**/*.jpg)")
         # broken links are listed: loading them skips and counts them ("broken_link")
-        self.samples = [(p, k) for k, c in enumerate(self.classes)
+        self.samples = [(p, k) for k, c in enumerate(self.classes) if c in present
                         for p in _image_files(os.path.join(root, c), broken_links=True)]
         if not self.samples:
             raise ValueError(f"{root}: no images in its class sub-folders "
@@ -1027,6 +1038,10 @@ class SkipLog:
 
     def total(self):
         return sum(self.counts.values())
+
+    def skipped(self):
+        """Samples dropped (conversions, which keep the sample, not counted)."""
+        return sum(n for k, n in self.counts.items() if not k.startswith("converted:"))
 
     def all_ranks(self):
         """A SkipLog summed over DDP ranks (collective: every rank must call it)."""

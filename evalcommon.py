@@ -71,6 +71,9 @@ def add_data_args(p):
       "those the checkpoint was pretrained with (builtin or cc12m)")
     a("--crop-pct", type=float, help="evaluation centre crop; if not given, 0.875 for folders, 1.0 "
       "for built-in")
+    a("--test-classes", default="all", choices=["all", "present"], help="all: --test-dir (and "
+      "--val-dir) must hold every class of --train-dir; present: they may lack some, and are scored "
+      "on the classes they hold (the head still chooses among all the training classes)")
 
 
 def fail(p, flag, value, problem):
@@ -147,10 +150,16 @@ def check_paths(p, args, splits, purpose="a linear probe"):
             fail(p, "--train-dir", args.train_dir, f"{len(filled)} class folder with images "
                  f"({', '.join(filled)}): {purpose} needs at least 2 classes")
         for s in ("test", "val"):
-            line = s in found and class_difference(classes, found[s][0], "--train-dir",
-                                                   f"--{s}-dir", getattr(args, f"{s}_dir"))
+            if s not in found:
+                continue
+            other = found[s][0]
+            if getattr(args, "test_classes", "all") == "present" and set(other) <= set(classes):
+                continue  # scored on the classes it holds
+            line = class_difference(classes, other, "--train-dir", f"--{s}-dir",
+                                    getattr(args, f"{s}_dir"))
             if line:
-                p.error(line)
+                p.error(line + ("; --test-classes present scores the classes it holds"
+                                if set(other) < set(classes) else ""))
     for s in splits:  # sizes: positive, and within a folder's images
         size = getattr(args, f"{s}_size", None)
         if size is not None and size < 1:
@@ -328,6 +337,7 @@ class EvalData:
     data_seed: int = 0
     data_level: str = "easy"
     label: str = "shape"
+    test_classes: str = "all"  # "present": test / val folders may lack training classes
     batch_size: int = 256
     workers: int = 0
     subset_seed: int = 0
@@ -361,7 +371,8 @@ def eval_data(args, ckpt, splits=("train", "test", "val")):
         sizes={s: getattr(args, f"{s}_size", None) for s in splits},
         data_seed=seed if seed is not None else checkpoint_data_seed(ckpt),
         data_level=args.data_level or checkpoint_data_level(ckpt),
-        label=getattr(args, "label", "shape"), batch_size=args.batch_size_features,
+        label=getattr(args, "label", "shape"), test_classes=getattr(args, "test_classes", "all"),
+        batch_size=args.batch_size_features,
         workers=args.workers, subset_seed=seed or 0, run_dir=run if args.ckpt else None)
 
 
@@ -423,8 +434,9 @@ def labelled_source(d, which, image_size):
         source = [dict(image=f, label=-1) for f in data.ImageOnlyFolder(folder).files]
         classes = None
         labels, identity = [0] * len(source), identity + ":unlabelled"
-    else:
-        source = data.ImageFolder(folder)
+    else:  # test / val on the training folder's class list: the same label for the same name
+        train_classes = data.class_folders(d.folders["train"]) if which != "train" else None
+        source = data.ImageFolder(folder, train_classes)
         classes, labels = source.classes, [k for _, k in source.samples]
     if size is not None and size < len(source):
         picked = stratified_pick(labels, size, mix_seed(d.subset_seed, 23))

@@ -386,9 +386,22 @@ class Training:
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
+    ramp: Optional[list] = None  # [step, lr]: a --resume changed the schedule there (scheduled_lr)
 
     def progress(self):
-        return dict(step=self.step, epoch=self.epoch, batch_in_epoch=self.batch_in_epoch)
+        return dict(step=self.step, epoch=self.epoch, batch_in_epoch=self.batch_in_epoch,
+                    ramp=self.ramp)
+
+
+def scheduled_lr(step, run, ramp=None):
+    """The lr of `step`: linear warmup, then cosine to --min-lr at --steps (util.lr_at). After a
+    --resume that changed the schedule (more --steps, another --lr), ramp = [step, lr the old schedule
+    gave there]: the lr goes linearly from that value to the new schedule over --warmup-steps steps,
+    never jumping (a finished run resumed with more steps would restart the cosine near its peak)."""
+    lr = lr_at(step, run.peak_lr, run.warmup_steps, run.steps, run.min_lr)
+    if ramp is not None and run.warmup_steps > 0 and step < ramp[0] + run.warmup_steps:
+        lr = ramp[1] + (lr - ramp[1]) * (step - ramp[0] + 1) / run.warmup_steps
+    return lr
 
 
 def save(t, env, run, extra):
@@ -616,8 +629,19 @@ def resume(t, run, env, fingerprint, notes):
     t.model.load_state_dict(ckpt["model"])
     t.optimizer.load_state_dict(ckpt["optimizer"])
     t.step, t.epoch, t.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
+    t.ramp = ckpt.get("ramp")
     if len(ckpt["rng"]) == env.world:
         set_rng_state(ckpt["rng"][env.rank])
+    # the lr policy on a changed schedule: no jump (scheduled_lr), said with the lr before and after
+    keys = ("lr", "base_lr", "batch_size", "warmup_steps", "steps", "min_lr")
+    before_run = replace(run, **{k: v for k, v in ckpt.get("args", {}).items() if k in keys})
+    before, after = scheduled_lr(t.step, before_run, t.ramp), scheduled_lr(t.step, run, t.ramp)
+    if abs(before - after) > 1e-12 * max(abs(before), abs(after)) and t.step < run.steps:
+        t.ramp = [t.step, before]
+        notes = notes + [f"the lr schedule changed: at step {t.step} the run's schedule gives "
+                         f"{before:.3g} and the new one {after:.3g}; the lr moves from one to the other "
+                         f"over --warmup-steps {run.warmup_steps} steps, then follows the new cosine "
+                         f"to step {run.steps}"]
     if t.step >= run.steps:
         if env.master:
             print(f"{run.out_dir} is already at step {t.step} of --steps {run.steps}: nothing to train (to train "
@@ -653,7 +677,7 @@ def loop(t, dataset, env, run, config, extra):
     per_rank = run.batch_size // env.world
     loader = make_loader(dataset, per_rank // run.grad_accum, run.workers, env, run.seed)
     log_file = open(os.path.join(run.out_dir, rundir.LOG), "a") if env.master else None
-    skips, used = data.SkipLog(), 0
+    skips, seen, used = data.SkipLog(), data.SkipLog(), 0  # this epoch's, the run's, samples used
     first_bad = torch.tensor(-1, device=env.device)  # the first step with a non-finite loss or gradient
     last_saved = t.step if run.resume else None
 
@@ -667,13 +691,14 @@ def loop(t, dataset, env, run, config, extra):
             raise DataError(f"no readable sample in {t.step} steps ({skips.report()}); stopped without saving. "
                             f"The last good checkpoint is {good}")
 
+    first_step = t.step
     bar = tqdm(total=run.steps, initial=t.step, disable=not env.master, dynamic_ncols=True)
     t_last, samples_since = time.perf_counter(), 0
     while t.step < run.steps:
         batches, steps_in_epoch = epoch_batches(loader, t.epoch, t.batch_in_epoch, per_rank, env, run.seed,
                                                 run.epoch_samples, run.batch_size, run.grad_accum)
         while t.batch_in_epoch < steps_in_epoch and t.step < run.steps:
-            lr = lr_at(t.step, run.peak_lr, run.warmup_steps, run.steps, run.min_lr)
+            lr = scheduled_lr(t.step, run, t.ramp)
             terms, grad_norm, n = train_step(t, batches, lr, env, run, config, skips)
             finite = torch.isfinite(terms["loss"]) & torch.isfinite(grad_norm)
             first_bad = torch.where((first_bad < 0) & ~finite, t.step, first_bad)
@@ -699,14 +724,18 @@ def loop(t, dataset, env, run, config, extra):
             if t.step == run.stop_after:
                 break
         if t.batch_in_epoch >= steps_in_epoch:
-            if env.master and skips.total():
+            if env.master and skips.skipped():  # conversions alone are summed up at the end
                 tqdm.write(f"epoch {t.epoch}: {skips.report()}")
+            seen.counts.update(skips.counts)
             t.epoch, t.batch_in_epoch, skips = t.epoch + 1, 0, data.SkipLog()
         if t.step == run.stop_after:
             break
     bar.close()
     if log_file:
         log_file.close()
+    seen.counts.update(skips.counts)
+    if env.master and seen.total():
+        print(f"data, steps {first_step + 1}-{t.step}: {seen.report()}")
     return t.step >= run.steps
 
 

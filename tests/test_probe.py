@@ -674,3 +674,18 @@ def test_a_result_never_replaces_another_datasets(tmp_path, ckpt, capsys):
     assert "holds the result of other folders" in capsys.readouterr().out
     probe.main(argv)  # the same dataset again: its own file is replaced, no third one
     assert len([n for n in os.listdir(ckpt.parent) if n.startswith("probe_probe_train")]) == 2
+
+
+def test_a_test_folder_lacking_a_class_is_scored_on_the_classes_it_holds(tmp_path, ckpt, capsys):
+    train_dir, test_dir = solid_colour_folders(tmp_path / "d", [20, 20, 20], 6)
+    import shutil
+
+    shutil.rmtree(test_dir / "c1")  # the test folder lacks class c1
+    argv = ["--ckpt", str(ckpt), "--train-dir", str(train_dir), "--test-dir", str(test_dir), "--epochs", "2",
+            "--cache-dir", str(tmp_path / "features"), "--out", str(tmp_path / "r.json")]
+    line = error_line(capsys, argv)
+    assert "missing from test: c1" in line and "--test-classes present" in line
+    r = probe.main(argv + ["--test-classes", "present"])
+    assert r["test_size"] == 12 and r["classes"] == 3  # c0 and c2 scored; the head still has 3 classes
+    # labels follow the names: a perfectly separable task stays near perfect (c2 is not read as c1)
+    assert r["knn_top1"] > 90

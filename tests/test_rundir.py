@@ -167,3 +167,35 @@ def test_broken_links_in_the_image_dir_are_skipped_not_fatal(tmp_path):
     os.symlink(extra, extra / "loop")
     run(tmp_path / "r", "--csv", csv, "--image-dir", str(extra), "--steps", "2", "--batch-size", "8")
     assert step(tmp_path / "r") == 2
+
+
+def test_more_steps_at_resume_never_jump_the_lr(tmp_path, capsys):
+    """A finished 6-step run resumed with --steps 12: the cosine is now over 12 steps, and the lr goes from
+    what the old schedule gave (0 at its end) to the new schedule over --warmup-steps (2) steps, said in one
+    note (it jumped from ~0 to near the peak before)."""
+    run(tmp_path, "--steps", "6")
+    capsys.readouterr()
+    run(tmp_path, "--steps", "12", "--resume")
+    out = capsys.readouterr().out
+    assert "the lr schedule changed: at step 6 the run's schedule gives 0 and the new one" in out
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    peak = 6e-3 * 16 / 256
+    new = [train.lr_at(s, peak, 2, 12) for s in range(12)]
+    assert lrs[6] == pytest.approx(0.5 * new[6]) and lrs[7] == pytest.approx(new[7])  # halfway, then on it
+    assert lrs[5] == pytest.approx(train.lr_at(5, peak, 2, 6)) and all(lr <= peak for lr in lrs)
+    # resumed again without a change: no new ramp, the same schedule (the run goes on as planned)
+    run(tmp_path, "--steps", "12", "--resume")
+    assert "already at step 12" in capsys.readouterr().out
+
+
+def test_conversions_alone_make_one_line_at_the_end_not_one_per_epoch(tmp_path, capsys):
+    """Greyscale images are converted (kept), not skipped: 4 epochs of them used to print 4 'epoch N: skipped:
+    none; converted: ...' lines (41 on a small real set); now one line for the run, and the summary."""
+    csv = captioned_images(tmp_path / "d", 16)
+    for i in range(16):
+        Image.open(tmp_path / "d" / f"{i}.png").convert("L").save(tmp_path / "d" / f"{i}.png")
+    run(tmp_path / "r", "--csv", csv, "--steps", "8", "--batch-size", "8")
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "epoch 0:" not in text and "data, steps 1-8: skipped: none; converted: greyscale 64" in text
+    assert "done: " in out.out and "Next: python probe.py" in out.out  # what was saved where, what to run next
