@@ -52,7 +52,7 @@ def label(v):
     return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.2g}"
 
 
-def axes(draw, title, xlabel, ylabel, x_range, y_range, log_y=False):
+def axes(draw, title, xlabel, ylabel, x_range, y_range, log_y=False, xticks=True):
     """Frame, title, labels and ticks of one panel; returns the data -> pixel map."""
     (x0, x1), (y0, y1) = x_range, y_range
     if log_y:
@@ -72,7 +72,7 @@ def axes(draw, title, xlabel, ylabel, x_range, y_range, log_y=False):
     draw.text(((left + right) / 2 - 3 * len(xlabel), H - 18), xlabel, fill=(60, 60, 60), font=font(12))
     if ylabel and ylabel != title:
         draw.text((4, top - 16), ylabel, fill=(60, 60, 60), font=font(12))
-    for t in ticks(x0, x1):
+    for t in ticks(x0, x1) if xticks else []:
         px = at(t, 10 ** y0 if log_y else y0)[0]
         draw.line([px, bottom, px, bottom + 4], fill=(90, 90, 90))
         draw.text((px - 10, bottom + 6), label(t), fill=(60, 60, 60), font=font(11))
@@ -158,13 +158,14 @@ def bar_chart(groups, title, ylabel="top-1 %", floor=None):
     tops = [m + s for m, s in groups.values()] + ([floor] if floor is not None else [])
     lows = [m - s for m, s in groups.values()] + ([floor] if floor is not None else [])
     lo = max(0.0, min(lows) - 0.15 * (max(tops) - min(lows) + 1e-9))
-    at = axes(draw, title, "", ylabel, (0, len(groups)), (lo, max(tops) * 1.02 + 1e-9))
+    at = axes(draw, title, "", ylabel, (0, len(groups)), (lo, max(tops) * 1.06 + 1e-9),
+              xticks=False)
     for i, (name, (m, s)) in enumerate(groups.items()):
         x0, x1 = at(i + 0.2, lo)[0], at(i + 0.8, lo)[0]
         draw.rectangle([x0, at(0, m)[1], x1, at(0, lo)[1]], fill=colour(i))
         cx = (x0 + x1) / 2
         draw.line([cx, at(0, m - s)[1], cx, at(0, m + s)[1]], fill=(0, 0, 0), width=1)
-        draw.text((x0, at(0, m)[1] - 14), f"{m:.1f}", fill=(0, 0, 0), font=font(11))
+        draw.text((x0, at(0, m + s)[1] - 14), f"{m:.1f}", fill=(0, 0, 0), font=font(11))
         draw.text((x0, H - MARGIN["bottom"] + 6), str(name)[:14], fill=(0, 0, 0), font=font(11))
     if floor is not None:
         y = at(0, floor)[1]

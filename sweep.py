@@ -12,6 +12,7 @@ import re
 
 import numpy as np
 
+import plots
 from checkpoint import write_atomic
 from util import make_parser
 
@@ -47,42 +48,55 @@ ORDERINGS = [  # (what, metric, better variant, worse variant, the paper's numbe
 ]
 
 
+def result_tag(name):
+    """A result file's (kind, metric suffix, recipe) from its name, or None: probe_<dataset>_fast
+    [_paper][_random_init].json -> ("probe", "" for builtin / "_colour" for builtin_colour / "_<dataset>"),
+    ood_<dataset>[_vs_<ood>][_paper][_random_init].json -> ("ood", "" for builtin / "_<rest>")."""
+    m = re.fullmatch(r"(probe|ood)_(.+?)(_paper)?(_random_init)?\.json", name)
+    if not m or (m.group(1) == "probe" and not m.group(2).endswith("_fast")):
+        return None
+    kind, rest = m.group(1), m.group(2).removesuffix("_fast")
+    tag = {"builtin": "", "builtin_colour": "_colour"}.get(rest, "_" + rest)
+    return kind, tag, "paper" if m.group(3) else "grid", bool(m.group(4))
+
+
 def collect(sweep_dir):
-    """{variant: {seed: {metric: value}}} from SWEEP_DIR/<variant>_s<seed>/ probe_builtin_fast.json
-    (shape label), probe_builtin_colour_fast.json (colour label: metrics *_colour) and
-    ood_builtin.json (each also read with the _paper suffix probe.py gives --recipe paper results);
-    the random-init floor from m3ae_s<seed>/*_random_init.json."""
+    """{variant: {seed: {metric: value}}} from every SWEEP_DIR/<variant>_s<seed>/ probe_*_fast.json
+    (top1<tag>, knn_top1<tag>) and ood_*.json (ood_<score><tag>), tag as result_tag says (the
+    built-in shape label has none); a --recipe paper result counts where no grid result is; the
+    random-init floor from m3ae_s<seed>/*_random_init.json."""
     runs = {}
     for folder in sorted(glob.glob(os.path.join(sweep_dir, "*_s*"))):
         m = re.fullmatch(r"(.+)_s(\d+)", os.path.basename(folder))
         if not m:
             continue
         variant, seed = m.group(1), int(m.group(2))
-        for suffix, name in (("", variant), ("_random_init", "random")):
-            if suffix and variant != "m3ae":
+        files = sorted((result_tag(f), f) for f in os.listdir(folder) if result_tag(f))
+        for (kind, tag, recipe, random_init), fname in files:
+            name = "random" if random_init else variant
+            if random_init and variant != "m3ae":
                 continue
-            row = {}
-            for stem, fields, tag in (("probe_builtin_fast", ("top1", "knn_top1"), ""),
-                                      ("probe_builtin_colour_fast", ("top1", "knn_top1"),
-                                       "_colour"),
-                                      ("ood_builtin", None, "")):
-                found = [os.path.join(folder, f"{stem}{recipe}{suffix}.json")
-                         for recipe in ("", "_paper")]
-                path = next((f for f in found if os.path.exists(f)), found[0])
-                if not os.path.exists(path):
-                    continue
-                with open(path) as f:
-                    r = json.load(f)
-                if fields:
-                    row.update({k + tag: r[k] for k in fields})
-                    steps = r.get("pretraining", {}).get("steps", "?")
-                    row["setup"] = (f"pretraining steps {steps}, probe {r.get('train_size', '?')} "
-                                    f"train / {r.get('test_size', '?')} test images")
-                else:
-                    row.update({f"ood_{s}": v["auroc"] for s, v in r["scores"].items()})
-            if row:
-                runs.setdefault(name, {})[seed] = row
+            if recipe == "paper" and any(k[:2] == (kind, tag) and k[2] == "grid" and k[3] == random_init
+                                         for k, _ in files):
+                continue  # the grid's result is the one that counts
+            with open(os.path.join(folder, fname)) as f:
+                r = json.load(f)
+            row = runs.setdefault(name, {}).setdefault(seed, {})
+            if kind == "probe":
+                row.update({k + tag: r[k] for k in ("top1", "knn_top1")})
+                steps = r.get("pretraining", {}).get("steps", "?")
+                row["setup"] = (f"pretraining steps {steps}, probe {r.get('train_size', '?')} "
+                                f"train / {r.get('test_size', '?')} test images")
+            else:
+                row.update({f"ood_{k}{tag}": v["auroc"] for k, v in r["scores"].items()})
     return runs
+
+
+def tags(runs, prefix):
+    """The metric suffixes present for metric `prefix` (e.g. "top1"), the built-in ones first."""
+    found = {k[len(prefix):] for seeds in runs.values() for r in seeds.values() for k in r
+             if k.startswith(prefix)}
+    return sorted(found, key=lambda t: (t not in ("", "_colour"), t))
 
 
 def mean_std(values):
@@ -93,14 +107,24 @@ def mean_std(values):
     return f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" if len(v) > 1 else f"{v[0]:.1f}"
 
 
+def label(tag):
+    return {"": "", "_colour": ", colour"}.get(tag, f", {tag[1:]}")
+
+
 def write_table(sweep_dir):
     runs = collect(sweep_dir)
-    metrics = [("top1", "linear probe top-1"), ("knn_top1", "kNN top-1"),
-               ("top1_colour", "linear probe top-1, colour"),
-               ("knn_top1_colour", "kNN top-1, colour"),
-               ("ood_mahalanobis", "OOD AUROC Mahalanobis"),
-               ("ood_relative_mahalanobis", "OOD AUROC rel. Mahalanobis"),
-               ("ood_msp", "OOD AUROC MSP")]
+    probe_tags = tags(runs, "top1") if runs else [""]
+    ood_tags = sorted({k.split("mahalanobis", 1)[1] for s in runs.values() for r in s.values()
+                       for k in r if k.startswith("ood_mahalanobis")}) or [""]
+    builtin = set(probe_tags) <= {"", "_colour"}
+    metrics = [(m + t, f"{what} top-1{label(t)}") for t in (["", "_colour"] if builtin else
+                                                           probe_tags)
+               for m, what in (("top1", "linear probe"), ("knn_top1", "kNN"))]
+    if builtin:  # the built-in table's column order: both probes, then both colour probes
+        metrics = [metrics[0], metrics[1], metrics[2], metrics[3]]
+    metrics += [(f"ood_{sc}{t}", f"OOD AUROC {name}{label(t)}") for t in ood_tags
+                for sc, name in (("mahalanobis", "Mahalanobis"),
+                                 ("relative_mahalanobis", "rel. Mahalanobis"), ("msp", "MSP"))]
     lines = ["| run | seeds | " + " | ".join(name for _, name in metrics) + " |",
              "|---|---|" + "---|" * len(metrics)]
     for variant in [*[v for v in VARIANTS if v in runs], *sorted(set(runs) - set(VARIANTS))]:
@@ -110,7 +134,13 @@ def write_table(sweep_dir):
                      + " |")
     lines += ["", "| paper's ordering | paper | ours (mean ± std) | holds on the mean | seeds "
               "where it holds |", "|---|---|---|---|---|"]
-    for what, metric, a, b, paper in ORDERINGS:
+    orderings = ORDERINGS if builtin else [
+        (f"{what}{label(t)}", metric + t, a, b, paper)
+        for t in probe_tags for what, metric, a, b, paper in ORDERINGS
+        if "colour" not in what and not metric.startswith("ood")] + [
+        (f"{what}{label(t)}", metric + t, a, b, paper) for t in ood_tags
+        for what, metric, a, b, paper in ORDERINGS if metric.startswith("ood")]
+    for what, metric, a, b, paper in orderings:
         ra, rb = runs.get(a, {}), runs.get(b, {})
         shared = sorted(s for s in set(ra) & set(rb) if metric in ra[s] and metric in rb[s])
         if not shared:
@@ -128,7 +158,30 @@ def write_table(sweep_dir):
     table = "\n".join(lines) + "\n"
     write_atomic(os.path.join(sweep_dir, "table.md"), lambda f: f.write(table), "w")
     print(table)
+    chart = ablation_chart(runs, [m for m, _ in metrics if not m.startswith("ood")])
+    if chart is not None:
+        plots.save_png(chart, os.path.join(sweep_dir, "ablations.png"))
+        print(f"wrote {os.path.join(sweep_dir, 'ablations.png')}")
     return runs
+
+
+def ablation_chart(runs, metrics):
+    """The paper's ablations (Figs. 3-5) as bars: one panel per metric, a bar per variant (mean and
+    std over seeds), the random-init encoder as a dashed line."""
+    panels = []
+    for metric in metrics:
+        bars = {}
+        for variant in ("m3ae", "mae", "text015", "paired10", "paired0"):
+            values = [r[metric] for r in runs.get(variant, {}).values() if metric in r]
+            if values:
+                v = np.asarray(values, dtype=float)
+                bars[variant] = (v.mean(), v.std(ddof=1) if len(v) > 1 else 0.0)
+        floor = [r[metric] for r in runs.get("random", {}).values() if metric in r]
+        if bars:
+            panels.append(plots.bar_chart(bars, metric.replace("_", " "),
+                                          floor=float(np.mean(floor)) if floor else None))
+    return plots.grid(panels, cols=min(2, len(panels)), title="mean ± std over seeds") if panels \
+        else None
 
 
 def main(argv=None):

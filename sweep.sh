@@ -2,6 +2,8 @@
 # The experiment table of docs/results.md in miniature, on the built-in data: the paper's four orderings over seeds.
 #
 #   STEPS=1000 ./sweep.sh                      # every knob below is an environment variable
+#   OUT=runs/real_v1 TRAIN_ARGS="--csv runs/realdata/captions/pairs.csv" \
+#       PROBES="runs/realdata/fashion_mnist/train:runs/realdata/fashion_mnist/test ..." ./sweep.sh  # real data
 #   STEPS=2 SEEDS=0 OUT=runs/sweep_smoke TRAIN_ARGS="--train-size 128 --batch-size 16 --warmup-steps 1" \
 #       EVAL_ARGS="--train-size 64 --test-size 32 --epochs 3" OOD_ARGS="--ood-size 32" ./sweep.sh   # smoke
 #
@@ -23,13 +25,38 @@ STEPS=${STEPS:-1000}                                  # pretraining steps per ru
 SEEDS=${SEEDS:-"0 1 2"}                               # pretraining seed = probe seed
 VARIANTS=${VARIANTS:-"m3ae text015 paired10 paired0 mae"}   # longest first: the jobs pack better
 OUT=${OUT:-runs/sweep}
-TRAIN_ARGS=${TRAIN_ARGS:-}                            # extra train.py flags
+TRAIN_ARGS=${TRAIN_ARGS:-}                            # extra train.py flags (e.g. --csv pairs.csv)
+PROBES=${PROBES:-builtin}   # builtin: the built-in shape and colour labels; else "TRAIN_DIR:TEST_DIR ..."
+OODS=${OODS:-builtin}       # builtin: held-out built-in shapes; else "TRAIN_DIR:TEST_DIR:OOD_DIR ..."
 EVAL_ARGS=${EVAL_ARGS:-}                              # extra flags for both probe.py and ood.py
 OOD_ARGS=${OOD_ARGS:-}                                # extra ood.py flags (e.g. --ood-size 1000)
 CORES=$(nproc)
 JOBS=${JOBS:-$CORES}                                  # runs at a time
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( CORES / JOBS > 0 ? CORES / JOBS : 1 ))}
-export STEPS OUT TRAIN_ARGS EVAL_ARGS OOD_ARGS PY
+export STEPS OUT TRAIN_ARGS EVAL_ARGS OOD_ARGS PY PROBES OODS
+
+# the evaluations of one checkpoint (extra flags, e.g. --random-init, as arguments)
+evaluate() {
+  local ckpt=$1 seed=$2; shift 2
+  if [ "$PROBES" = builtin ]; then
+    $PY probe.py --ckpt "$ckpt" --seed "$seed" "$@" $EVAL_ARGS &&
+      $PY probe.py --ckpt "$ckpt" --seed "$seed" --label colour "$@" $EVAL_ARGS || return 1
+  else
+    for pair in $PROBES; do
+      $PY probe.py --ckpt "$ckpt" --seed "$seed" --train-dir "${pair%%:*}" --test-dir "${pair#*:}" \
+        "$@" $EVAL_ARGS || return 1
+    done
+  fi
+  if [ "$OODS" = builtin ]; then
+    $PY ood.py --ckpt "$ckpt" --seed "$seed" "$@" $EVAL_ARGS $OOD_ARGS || return 1
+  else
+    for triple in $OODS; do
+      IFS=: read -r tr te od <<<"$triple"
+      $PY ood.py --ckpt "$ckpt" --seed "$seed" --train-dir "$tr" --test-dir "$te" --ood-dir "$od" \
+        "$@" $EVAL_ARGS $OOD_ARGS || return 1
+    done
+  fi
+}
 
 flags() {
   case $1 in
@@ -55,15 +82,11 @@ if [ "${1:-}" = run ] || [ "${1:-}" = floor ]; then
   # chained with &&: set -e does not apply inside a group that is followed by ||
   {
     if [ "$v" = floor ]; then
-      $PY probe.py --ckpt "$OUT/m3ae_s$seed/ckpt.pt" --random-init --seed "$seed" $EVAL_ARGS &&
-        $PY probe.py --ckpt "$OUT/m3ae_s$seed/ckpt.pt" --random-init --seed "$seed" --label colour $EVAL_ARGS &&
-        $PY ood.py --ckpt "$OUT/m3ae_s$seed/ckpt.pt" --random-init --seed "$seed" $EVAL_ARGS $OOD_ARGS
+      evaluate "$OUT/m3ae_s$seed/ckpt.pt" "$seed" --random-init
     else
       dir=$OUT/$name
       $PY train.py --steps "$STEPS" --seed "$seed" --out-dir "$dir" --no-probe --resume $(flags "$v") $TRAIN_ARGS &&
-        $PY probe.py --ckpt "$dir/ckpt.pt" --seed "$seed" $EVAL_ARGS &&
-        $PY probe.py --ckpt "$dir/ckpt.pt" --seed "$seed" --label colour $EVAL_ARGS &&
-        $PY ood.py --ckpt "$dir/ckpt.pt" --seed "$seed" $EVAL_ARGS $OOD_ARGS
+        evaluate "$dir/ckpt.pt" "$seed"
     fi
   } >"$OUT/logs/$name.log" 2>&1 || { echo "FAILED: $name (last lines of $OUT/logs/$name.log):"; tail -n 20 "$OUT/logs/$name.log"; exit 1; }
   echo "$(date -u +%T) done $name in $(( SECONDS - start )) s"
