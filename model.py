@@ -77,6 +77,10 @@ class M3AEConfig:
     text_loss_weight: float = knob(0.5, "weight of the text CE (official README 0.5, its code "
                                    "default 0.1); 0 trains the MAE baseline", at_least(0.0),
                                    aliases=("--text-weight",))
+    # fine-tuning (finetune.py): stochastic depth, rising linearly from 0 at the first encoder block
+    # to this rate at the last (mae/timm); the identity in eval mode and at 0
+    drop_path_rate: float = knob(0.0, "stochastic depth of the encoder blocks (fine-tuning; 0 in "
+                                 "pretraining)", at_least(0.0, 0.9))
     norm_pix_loss: bool = knob(False,
                                "per-patch normalised pixel targets (mae's option; the paper: raw)",
                                aliases=("--norm-pix",))
@@ -270,27 +274,40 @@ class MLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate=self.gelu))
 
 
+def drop_path(x, rate, training):
+    """Stochastic depth (Huang et al. 2016; timm's DropPath): in training, each sample's residual
+    branch x (B, ...) is dropped with probability `rate` and kept ones are scaled by 1 / (1 -
+    rate), so its expectation is unchanged; the identity in eval mode or at rate 0."""
+    if rate == 0.0 or not training:
+        return x
+    keep = torch.rand(x.size(0), *[1] * (x.ndim - 1), device=x.device) >= rate  # (B, 1, 1)
+    return x * keep.to(x.dtype) / (1.0 - rate)
+
+
 class Block(nn.Module):
-    def __init__(self, dim, num_heads, mlp_ratio, ln_eps, gelu):
+    def __init__(self, dim, num_heads, mlp_ratio, ln_eps, gelu, drop_path=0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=ln_eps)
         self.attn = SelfAttention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=ln_eps)
         self.mlp = MLP(dim, int(dim * mlp_ratio), gelu)
+        self.drop_path = drop_path  # stochastic depth of both residual branches (fine-tuning)
 
     def forward(self, x, key_padding_mask=None, impl="sdpa"):
-        x = x + self.attn(self.norm1(x), key_padding_mask, impl)  # (B, S, D)
-        x = x + self.mlp(self.norm2(x))
-        return x
+        y = self.attn(self.norm1(x), key_padding_mask, impl)  # (B, S, D)
+        x = x + drop_path(y, self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
 
 
 class Transformer(nn.Module):
-    """A stack of blocks and a final LayerNorm (used for both the encoder and the decoder)."""
+    """A stack of blocks and a final LayerNorm (used for both the encoder and the decoder).
+    drop_path_rate: block i's stochastic depth is rate x i / (depth - 1), 0 at the first (mae)."""
 
-    def __init__(self, dim, depth, num_heads, mlp_ratio, ln_eps, gelu):
+    def __init__(self, dim, depth, num_heads, mlp_ratio, ln_eps, gelu, drop_path_rate=0.0):
         super().__init__()
-        self.blocks = nn.ModuleList([Block(dim, num_heads, mlp_ratio, ln_eps, gelu)
-                                     for _ in range(depth)])
+        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linspace
+        self.blocks = nn.ModuleList([Block(dim, num_heads, mlp_ratio, ln_eps, gelu, rates[i])
+                                     for i in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=ln_eps)
 
     def forward(self, x, key_padding_mask=None, impl="sdpa"):
@@ -451,7 +468,8 @@ class M3AE(nn.Module):
         self.register_buffer("dec_text_pos", sincos_1d(Dd, torch.arange(c.text_len))[None],
                              persistent=False)
 
-        self.encoder = Transformer(D, c.depth, c.num_heads, c.mlp_ratio, c.ln_eps, c.gelu)
+        self.encoder = Transformer(D, c.depth, c.num_heads, c.mlp_ratio, c.ln_eps, c.gelu,
+                                   c.drop_path_rate)
         # decoder: one projection shared by CLS, image and text; a mask token per modality
         self.decoder_embed = nn.Linear(D, Dd)
         self.image_mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
