@@ -32,15 +32,18 @@ Writes ood_<dataset>_vs_<ood folder>[_paper][_random_init].json next to the chec
 ood_builtin[_paper][_random_init].json), listed in its outputs.txt (evalcommon.py).
 """
 
+import os
 import time
 
 import numpy as np
 import torch
 
+import plots
 import probe
 from checkpoint import CheckpointError, pretraining_info
 from evalcommon import (add_data_args, add_encoder_args, check_paths, die, eval_data, folder_name,
-                        load_encoder, need_classes, out_path_for, result_name, write_result)
+                        load_encoder, need_classes, out_path_for, result_name, write_output,
+                        write_result)
 from util import make_parser
 
 # -----------------------------------------------------------------------------
@@ -186,6 +189,18 @@ def get_args(argv=None):
     return args
 
 
+def histograms_png(raw, scores, name, ood_name, json_path, run_dir=None):
+    """The paper's Fig. 6 beside the JSON: per score, the histograms of the in-distribution test images
+    and of the OOD images (higher = more OOD). Returns its path."""
+    panels = [plots.histograms({f"in: {name}": a, f"OOD: {ood_name}": b},
+                               f"{score} (AUROC {scores[score]['auroc']:.1f})", "score")
+              for score, (a, b) in raw.items()]
+    path = os.path.splitext(json_path)[0] + ".png"
+    sheet = plots.grid(panels, cols=len(panels), title=f"OOD scores: {name} test vs {ood_name}")
+    write_output(path, lambda f: sheet.save(f, format="PNG"), folder=run_dir)
+    return path
+
+
 def main(argv=None):
     args = get_args(argv)
     t0 = time.perf_counter()
@@ -208,11 +223,9 @@ def main(argv=None):
     head, fit, fit_rows = probe.fit_linear_head(d, model, model_key, train, len(train.classes),
                                                 recipe, lr_grid, args.val_fraction, args.seed,
                                                 args.workers)
-    scores = {
-        "mahalanobis": ood_metrics(md_in, md_ood),
-        "relative_mahalanobis": ood_metrics(rmd_in, rmd_ood),
-        "msp": ood_metrics(msp_scores(head, x_in), msp_scores(head, x_ood)),
-    }
+    raw = {"mahalanobis": (md_in, md_ood), "relative_mahalanobis": (rmd_in, rmd_ood),
+           "msp": (msp_scores(head, x_in), msp_scores(head, x_ood))}
+    scores = {name: ood_metrics(*pair) for name, pair in raw.items()}
     with torch.no_grad():
         head_top1 = probe.topk_accuracy(head(x_in), test.y, ks=(1,))[1]
     name = result_name("ood", d, recipe=args.recipe)
@@ -235,10 +248,11 @@ def main(argv=None):
     )
     out = out_path_for(args.ckpt, args.out, args.preset, args.random_init, name)
     out = write_result(result, out, d.run_dir)
+    picture = histograms_png(raw, scores, d.name, ood_name, out, d.run_dir)
     who = "random-init encoder" if args.random_init else args.ckpt
     print(f"{who}: OOD detection, {len(x_in)} in-distribution ({d.name}) vs {len(x_ood)} OOD test "
           f"samples (fit on {len(train.x)}; MSP head base lr {fit['recipe']['base_lr']:g}, test "
-          f"top-1 {head_top1:.2f}%) -> {out}")
+          f"top-1 {head_top1:.2f}%) -> {out}, {picture}")
     print(f"  {'score':<22}{'AUROC':>8}{'FPR@95':>8}{'AUPR-in':>9}{'AUPR-out':>9}")
     for score, m in scores.items():
         print(f"  {score:<22}{m['auroc']:8.2f}{m['fpr95']:8.2f}{m['aupr_in']:9.2f}"

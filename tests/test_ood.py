@@ -233,6 +233,11 @@ def test_ood_script_end_to_end(tmp_path, capsys, monkeypatch):
     strict = lambda c: pytest.fail(f"{c} in the JSON")
     assert json.loads((tmp_path / "ood_builtin.json").read_text(), parse_constant=strict) == json.loads(json.dumps(r))
     assert "relative_mahalanobis" in capsys.readouterr().out
+    # the paper's Fig. 6 beside the JSON: one histogram panel per score, listed for --overwrite
+    from PIL import Image
+
+    assert Image.open(tmp_path / "ood_builtin.png").size[0] >= 3 * 480
+    assert "ood_builtin.png" in (tmp_path / "outputs.txt").read_text().split()
     # probe.py on the same checkpoint reuses the in-distribution features (one cache, the same keys)
     import probe
 
