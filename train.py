@@ -223,8 +223,9 @@ def settings(argv=None):
         record = rundir.recorded(run.out_dir) if run.resume and not run.bench else None
         if record:
             merged, notes, refused = resume_merge(Run, record["run"], asdict(run), given)
-            model, more, too = resume_merge(M3AEConfig, record["model"], {**record["model"], **model_flags},
-                                            model_flags)
+            # a field added since the run started (a fork's new knob) takes its default
+            current = {**asdict(M3AEConfig(**record["model"])), **model_flags}
+            model, more, too = resume_merge(M3AEConfig, record["model"], current, model_flags)
             if refused + too:
                 p.error(f"--resume cannot change what the run trains on or with: {'; '.join(refused + too)} (drop "
                         "these flags to continue as recorded, or start a new run in another --out-dir)")

@@ -199,3 +199,16 @@ def test_conversions_alone_make_one_line_at_the_end_not_one_per_epoch(tmp_path, 
     text = out.out + out.err
     assert "epoch 0:" not in text and "data, steps 1-8: skipped: none; converted: greyscale 64" in text
     assert "done: " in out.out and "Next: python probe.py" in out.out  # what was saved where, what to run next
+
+
+def test_a_run_recorded_before_a_new_knob_still_resumes(tmp_path):
+    """A fork adds a model field: runs recorded without it resume with its default (it raised KeyError)."""
+    run(tmp_path, "--steps", "4", "--stop-after", "2")
+    record = json.loads((tmp_path / "config.json").read_text())
+    del record["model"]["image_mask_ratio"]  # as if the field did not exist when the run started
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    del ckpt["config"]["image_mask_ratio"]
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    run(tmp_path, "--resume")
+    assert step(tmp_path) == 4
