@@ -7,9 +7,11 @@ expects.
                    official M3AE weights were trained with)
 
 Both kinds share one interface: encode(caption, text_len) -> (ids (T,) int64, padding mask (T,)
-bool, True = pad), decode(ids) -> str, pieces(ids) -> one readable string per id, starts_word(ids)
--> whether each id begins a word, vocab_size, kind ("sentencepiece" / "wordpiece") and to_bytes()
-(the whole tokenizer as bytes, what a checkpoint stores under "tokenizer": {"kind", "blob"};
+bool, True = pad), encode_with_span(text, substring, text_len) -> (ids, pad, (start, end)) with
+ids[start:end] the substring's tokens in context, decode(ids) -> str, pieces(ids) -> one readable
+string per id, starts_word(ids) -> whether each id begins a word, vocab_size, kind
+("sentencepiece" / "wordpiece") and to_bytes() (the whole tokenizer as bytes, what a checkpoint
+stores under "tokenizer": {"kind", "blob"};
 tokenizer_from_bytes(kind, blob) rebuilds it). load_tokenizer(path) reads either kind from a file,
 telling them apart by content; get_tokenizer() loads one or trains sentencepiece.
 """
@@ -43,6 +45,44 @@ def padded(ids, text_len):
     pad = torch.ones(text_len, dtype=torch.bool)
     pad[: len(ids)] = False
     return out, pad
+
+
+def encode_with_span(tokenizer, text, substring, text_len, at=None):
+    """tokenizer.encode(text, text_len) and the token span of one occurrence of `substring` in text:
+    (ids (text_len,), pad (text_len,), (start, end)) with ids[start:end] exactly the tokens that
+    occurrence became in context. `at`: the occurrence's first character; if not given, the first
+    occurrence. How: text up to the substring's start and text up to its end are encoded on their
+    own; both must be prefixes of the whole text's tokens, and the span lies between them. That
+    holds when the substring begins and ends on token boundaries, which a name between spaces or
+    punctuation does (BPE and WordPiece never merge across a space; WordPiece also splits at every
+    punctuation mark), whatever its pieces in context are: "top" after a space may be "t o p" where
+    a caption's first word "top" is "to p", and a name glued to "(" has no word marker. A
+    substring that begins or ends inside a piece ("boot" in "boots" when "boots" is one piece),
+    that is not in the text, that becomes no token, or whose tokens text_len cuts: ValueError, one
+    line."""
+    text = caption_text(text)
+    at = text.find(substring) if at is None else at
+    if not substring or at < 0 or text[at: at + len(substring)] != substring:
+        where = f" at character {at}" if at is not None and at >= 0 else ""
+        raise ValueError(f"{substring!r} is not in {text!r}{where}")
+
+    def tokens(s):  # every token, uncut (NFKC may expand a character into up to 18)
+        ids, pad = tokenizer.encode(s, 18 * len(s) + 1)
+        return ids[~pad].tolist()
+
+    whole, before = tokens(text), tokens(text[:at])
+    through = tokens(text[: at + len(substring)])
+    start, end = len(before), len(through)
+    if whole[:start] != before or whole[:end] != through:
+        raise ValueError(f"{substring!r} does not begin and end on token boundaries in {text!r} "
+                         "(a piece of the text straddles its edge)")
+    if end == start:
+        raise ValueError(f"{substring!r} becomes no token in {text!r}")
+    if end > text_len:
+        raise ValueError(f"{substring!r} is tokens {start}-{end} of {text!r}, beyond text_len "
+                         f"{text_len}")
+    ids, pad = padded(whole[:text_len], text_len)
+    return ids, pad, (start, end)
 
 
 class Tokenizer:
@@ -135,6 +175,11 @@ class Tokenizer:
         text = caption_text(caption)
         ids = self.sp.encode(text)[:text_len] if text.strip() else []
         return padded(ids, text_len)
+
+    def encode_with_span(self, text, substring, text_len, at=None):
+        """encode(text, text_len) and the token span of `substring` in it: (ids, pad, (start, end)),
+        ids[start:end] its tokens in context (tokenizer.encode_with_span)."""
+        return encode_with_span(self, text, substring, text_len, at)
 
     def decode(self, ids):
         """ids (sequence or tensor) -> str, ignoring PAD_ID."""
@@ -321,6 +366,11 @@ class WordPiece:
         inside a caption is id 0 but not padding, exactly as in the official pipeline."""
         ids = [self.vocab[t] for t in self.tokenize(caption)[:text_len]]
         return padded(ids, text_len)
+
+    def encode_with_span(self, text, substring, text_len, at=None):
+        """encode(text, text_len) and the token span of `substring` in it: (ids, pad, (start, end)),
+        ids[start:end] its tokens in context (tokenizer.encode_with_span)."""
+        return encode_with_span(self, text, substring, text_len, at)
 
     def decode(self, ids):
         """ids -> str, ignoring PAD_ID: pieces joined by spaces, '##' continuations glued to the

@@ -289,3 +289,61 @@ def test_tokenizer_training_on_a_full_disk_leaves_nothing_and_says_so(tmp_path, 
     monkeypatch.undo()
     assert get_tokenizer(model_file, captions, vocab_size=40).vocab_size > 0
     assert os.listdir(run) == ["tokenizer.model"]
+
+
+# -----------------------------------------------------------------------------
+# encode_with_span: the tokens of a substring in context (zeroshot.py masks exactly these)
+
+
+@pytest.fixture(scope="module")
+def tok_zs(tmp_path_factory):
+    """sentencepiece on built-in captions and a few lines with the punctuation of the names below."""
+    path = tmp_path_factory.mktemp("tok_zs") / "tokenizer.model"
+    extra = ["a photo (of it), small.", "t-shirt/top and ankle boots"] * 50
+    return Tokenizer.train(list(builtin.Builtin("pretrain", 2000).captions()) + extra, str(path), 300)
+
+
+@pytest.mark.parametrize("template", ["{}", "a photo of a {}.", "a photo ({}) of it", "{}, small"])
+@pytest.mark.parametrize("name", ["star", "ankle boot", "t-shirt/top", "red circle"])
+def test_encode_with_span_sentencepiece_multi_piece_names(tok_zs, template, name):
+    tok = tok_zs
+    text = template.format(name)
+    ids, pad, (start, end) = tok.encode_with_span(text, name, TEXT_LEN * 2)
+    assert torch.equal(ids, tok.encode(text, TEXT_LEN * 2)[0]) and torch.equal(pad, tok.encode(text, TEXT_LEN * 2)[1])
+    n = int((~pad).sum())
+    assert 0 <= start < end <= n
+    if name in ("ankle boot", "t-shirt/top"):
+        assert end - start > 2  # several pieces in this small vocabulary
+    # checked by decoding, not by the construction: the span is the name, the rest is the template
+    assert tok.decode(ids[start:end]) == name
+    before, after = template.split("{}")
+    assert tok.decode(ids[:start]) == before.strip() and tok.decode(ids[end:n]) == after.strip()
+
+
+def test_encode_with_span_pieces_depend_on_context(tok_zs):
+    tok = tok_zs
+    # glued to "(" the name carries no word marker: its ids differ from the name encoded alone
+    alone = tok.encode("star", 4)[0][:1].tolist()
+    ids, _, (start, end) = tok.encode_with_span("a photo (star)", "star", TEXT_LEN)
+    assert ids[start:end].tolist() != alone and tok.decode(ids[start:end]) == "star"
+    # which occurrence: `at` picks it
+    text = "star and star"
+    first = tok.encode_with_span(text, "star", TEXT_LEN)[2]
+    second = tok.encode_with_span(text, "star", TEXT_LEN, at=text.rindex("star"))[2]
+    assert first[0] == 0 and second[0] > first[1]
+
+
+def test_encode_with_span_wordpiece(wp):
+    ids, pad, span = wp.encode_with_span("a dog,cat!", "cat", 8)
+    assert span == (3, 4) and ids[:5].tolist() == [5, 6, 12, 7, 13]
+    ids, pad, span = wp.encode_with_span("the playing dogs, a cat", "playing dogs", 8)
+    assert span == (1, 5) and wp.pieces(ids[1:5]) == ["play", "ing", "dog", "s"]
+    # a substring that ends inside a piece cannot be masked as a whole: refused in one line
+    with pytest.raises(ValueError, match="token boundaries"):
+        wp.encode_with_span("playing", "pla", 8)
+    with pytest.raises(ValueError, match="not in"):
+        wp.encode_with_span("a dog", "cat", 8)
+    with pytest.raises(ValueError, match="beyond text_len"):
+        wp.encode_with_span("a dog cat", "cat", 2)
+    with pytest.raises(ValueError, match="no token"):
+        wp.encode_with_span("a \u200b dog", "\u200b", 8)  # removed by BERT's cleaning
