@@ -190,8 +190,8 @@ def get_args(argv=None):
 
 
 def histograms_png(raw, scores, name, ood_name, json_path, run_dir=None):
-    """The paper's Fig. 6 beside the JSON: per score, the histograms of the in-distribution test images
-    and of the OOD images (higher = more OOD). Returns its path."""
+    """The paper's Fig. 6 beside the JSON: per score, the histograms of the in-distribution test
+    images and of the OOD images (higher = more OOD). Returns its path."""
     panels = [plots.histograms({f"in: {name}": a, f"OOD: {ood_name}": b},
                                f"{score} (AUROC {scores[score]['auroc']:.1f})", "score")
               for score, (a, b) in raw.items()]
