@@ -72,8 +72,8 @@ def add_data_args(p):
     a("--crop-pct", type=float, help="evaluation centre crop; if not given, 0.875 for folders, 1.0 "
       "for built-in")
     a("--test-classes", default="all", choices=["all", "present"], help="all: --test-dir (and "
-      "--val-dir) must hold every class of --train-dir; present: they may lack some, and are scored "
-      "on the classes they hold (the head still chooses among all the training classes)")
+      "--val-dir) must hold every class of --train-dir; present: they may lack some, and are "
+      "scored on the classes they hold (the head still chooses among all the training classes)")
 
 
 def fail(p, flag, value, problem):
