@@ -105,3 +105,12 @@ def test_every_script_answers_help(script):
     assert done.returncode == 0 and done.stdout.startswith("usage:"), done.stderr[-2000:]
     if script in ("train.py", "probe.py", "ood.py", "viz.py"):
         assert "(default: " in done.stdout
+
+
+def test_train_help_shows_each_presets_geometry():
+    """--image-size / --patch-size said only "default: the preset's"; now each preset's value is listed."""
+    import train
+
+    text = " ".join(train.build_parser().format_help().split())
+    assert "image side in pixels; a multiple of --patch-size (default: the preset's: tiny 32, small 256" in text
+    assert "patch side in pixels (default: the preset's: tiny 8, small 16, base 16" in text
