@@ -50,8 +50,9 @@ ORDERINGS = [  # (what, metric, better variant, worse variant, the paper's numbe
 
 def result_tag(name):
     """A result file's (kind, metric suffix, recipe) from its name, or None: probe_<dataset>_fast
-    [_paper][_random_init].json -> ("probe", "" for builtin / "_colour" for builtin_colour / "_<dataset>"),
-    ood_<dataset>[_vs_<ood>][_paper][_random_init].json -> ("ood", "" for builtin / "_<rest>")."""
+    [_paper][_random_init].json -> ("probe", "" for builtin / "_colour" for builtin_colour /
+    "_<dataset>"), ood_<dataset>[_vs_<ood>][_paper][_random_init].json -> ("ood", "" for builtin /
+    "_<rest>")."""
     m = re.fullmatch(r"(probe|ood)_(.+?)(_paper)?(_random_init)?\.json", name)
     if not m or (m.group(1) == "probe" and not m.group(2).endswith("_fast")):
         return None
@@ -76,8 +77,8 @@ def collect(sweep_dir):
             name = "random" if random_init else variant
             if random_init and variant != "m3ae":
                 continue
-            if recipe == "paper" and any(k[:2] == (kind, tag) and k[2] == "grid" and k[3] == random_init
-                                         for k, _ in files):
+            if recipe == "paper" and any(k[:2] == (kind, tag) and k[2] == "grid"
+                                         and k[3] == random_init for k, _ in files):
                 continue  # the grid's result is the one that counts
             with open(os.path.join(folder, fname)) as f:
                 r = json.load(f)
