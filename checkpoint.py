@@ -97,7 +97,8 @@ def load_model(path, map_location="cpu", **config_overrides):
     try:
         model = M3AE(model_config(ckpt, **config_overrides))
         model.load_state_dict(ckpt["model"])
-    except (RuntimeError, ValueError, TypeError) as e:  # a config or weights that do not fit the model
+    # a config or weights that do not fit the model
+    except (RuntimeError, ValueError, TypeError) as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: its weights do not fit its config: {first}") from None
     return model, ckpt
