@@ -356,3 +356,40 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+# -----------------------------------------------------------------------------
+# a confusion matrix (zeroshot.py draws one beside its JSON)
+
+
+def confusion_matrix(counts, names, title):
+    """counts: (C, C) ints, row = true class, column = predicted -> a PIL image: each cell shaded by
+    its share of the row (white 0, dark blue 1), its count written in it, the diagonal outlined;
+    rows named "k name" on the left, columns numbered k on top, each row's accuracy on the right."""
+    counts = torch.as_tensor(counts).long()
+    C = len(names)
+    cell = max(14, min(44, 560 // max(C, 1)))
+    left, top, right = 150, 58, 64
+    img = Image.new("RGB", (left + C * cell + right, top + C * cell + 12), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((8, 8), title, fill=(0, 0, 0), font=font(14))
+    draw.text((8, 28), "row: true class, column: predicted; shade: share of the row", fill=(90, 90, 90),
+              font=font(11))
+    rows = counts.sum(1).clamp(min=1)
+    small = font(max(8, min(12, cell // 3)))
+    for j in range(C):
+        draw.text((left + j * cell + cell // 2 - 4, top - 14), str(j), fill=(60, 60, 60), font=small)
+    for i in range(C):
+        y = top + i * cell
+        draw.text((4, y + cell // 2 - 7), f"{i} {names[i]}"[:22], fill=(0, 0, 0), font=font(12))
+        for j in range(C):
+            share = counts[i, j].item() / rows[i].item()
+            shade = tuple(int(255 - share * (255 - c)) for c in (8, 48, 107))
+            box = [left + j * cell, y, left + (j + 1) * cell - 1, y + cell - 1]
+            draw.rectangle(box, fill=shade, outline=(0, 0, 0) if i == j else (225, 225, 225))
+            if counts[i, j] and cell >= 20:
+                draw.text((box[0] + 2, box[1] + cell // 2 - 6), str(counts[i, j].item()),
+                          fill=(255, 255, 255) if share > 0.5 else (0, 0, 0), font=small)
+        acc = 100.0 * counts[i, i].item() / rows[i].item()
+        draw.text((left + C * cell + 6, y + cell // 2 - 7), f"{acc:.0f}%", fill=(0, 0, 0), font=font(12))
+    return img
