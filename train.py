@@ -48,8 +48,8 @@ import probe
 import rundir
 from model import M3AE, PRESETS, M3AEConfig, make_config, num_kept
 from tokenizer import MAX_TOKENIZER_CAPTIONS, load_tokenizer
-from loader import (DataError, InputError, build_datasets, epoch_batches, make_loader, make_tokenizer,
-                    open_sources, setup)
+from loader import (DataError, InputError, build_datasets, epoch_batches, make_loader,
+                    make_tokenizer, open_sources, setup)
 from util import (add_flags, at_least, check_fields, flag_name, fraction, knob, lr_at,
                   make_parser, masking_noise, mix_seed, resume_merge)
 
@@ -61,7 +61,8 @@ from util import (add_flags, at_least, check_fields, flag_name, fraction, knob, 
 def default_workers():
     """DataLoader workers per rank: the CPUs this process may use, shared among the ranks of this
     node, one left for the training process itself; at least 1, at most 16."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+            else (os.cpu_count() or 1))
     return max(1, min(16, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
 
 
@@ -86,8 +87,8 @@ class Run:
                             "image, image_path, path, file, filename)", type=str)
     csv_caption_key: str = knob(None, "--csv: the caption column (default: caption, text or title)",
                                 type=str)
-    csv_separator: str = knob(None, "--csv: field separator (default: tab for .tsv, comma for .csv, "
-                              "else sniffed)", type=str)
+    csv_separator: str = knob(None, "--csv: field separator (default: tab for .tsv, comma for "
+                              ".csv, else sniffed)", type=str)
     wds_shards: str = knob(None, "webdataset .tar shards as img2dataset writes them: "
                            "'dir/{00000..00099}.tar', a glob, or a comma-separated list", type=str)
     wds_image_key: str = knob("jpg;jpeg;png;webp", "--wds-shards: image member extensions, first "
@@ -96,11 +97,12 @@ class Run:
                                 "'caption')")
     epoch_samples: int = knob(None, "--wds-shards: samples per epoch (a stream has no length)",
                               at_least(1, 10**12), type=int)
-    text_file: str = knob(None, "extra unpaired captions, one per line (text-only samples)", type=str)
+    text_file: str = knob(None, "extra unpaired captions, one per line (text-only samples)",
+                          type=str)
     image_dir: str = knob(None, "extra unpaired images, a folder read recursively (image-only "
                           "samples)", type=str)
-    paired_share: float = knob(1.0, "fraction of pairs kept paired; the rest: half images only, half "
-                               "texts only", fraction(high_open=False))
+    paired_share: float = knob(1.0, "fraction of pairs kept paired; the rest: half images only, "
+                               "half texts only", fraction(high_open=False))
     data_seed: int = knob(0, "built-in data: which procedural dataset (kept fixed across --seed)",
                           at_least(0))
     data_level: str = knob("easy", "built-in data: difficulty", choices=tuple(builtin.LEVELS))
@@ -110,7 +112,8 @@ class Run:
     vocab_size: int = knob(1024, "vocabulary when training a tokenizer", at_least(8, 262144))
     tokenizer_captions: int = knob(MAX_TOKENIZER_CAPTIONS, "a tokenizer is trained on at most this "
                                    "many captions", at_least(1, 10**8))
-    workers: int = knob(default_workers(), "DataLoader workers per rank (default: CPUs / ranks - 1)",
+    workers: int = knob(default_workers(),
+                        "DataLoader workers per rank (default: CPUs / ranks - 1)",
                         at_least(0, 256), resume=ONCE)
     # optimisation
     batch_size: int = knob(64, "global batch (summed over ranks and accumulation steps)",
@@ -136,13 +139,13 @@ class Run:
     dtype: str = knob(None, "autocast dtype (default: bf16 on CUDA, fp32 on CPU)", type=str,
                       choices=("bf16", "fp32"), resume=ONCE)
     compile: bool = knob(None, "torch.compile (default: on CUDA)", type=bool, resume=ONCE)
-    peak_tflops: float = knob(989.0, "accelerator peak for MFU (H100 SXM bf16 dense: 989)", POSITIVE,
-                              resume=ONCE)
+    peak_tflops: float = knob(989.0, "accelerator peak for MFU (H100 SXM bf16 dense: 989)",
+                              POSITIVE, resume=ONCE)
     # bookkeeping
-    out_dir: str = knob("runs/default", "checkpoints, tokenizer, config.json and log.jsonl: one run",
-                        resume=ONCE)
-    resume: bool = knob(False, "continue the run in OUT_DIR (settings not repeated come from the run)",
-                        resume=ONCE)
+    out_dir: str = knob("runs/default",
+                        "checkpoints, tokenizer, config.json and log.jsonl: one run", resume=ONCE)
+    resume: bool = knob(False, "continue the run in OUT_DIR (settings not repeated come from "
+                        "the run)", resume=ONCE)
     overwrite: bool = knob(False, "delete the run in OUT_DIR (only its own files) and start afresh",
                            resume=ONCE)
     save_every: int = knob(500, "checkpoint every N steps (and at the end)", at_least(1),
@@ -167,11 +170,13 @@ class Run:
 
     @property
     def peak_lr(self):
-        return self.lr if self.lr is not None else self.base_lr * self.batch_size / 256  # linear scaling
+        # linear scaling
+        return self.lr if self.lr is not None else self.base_lr * self.batch_size / 256
 
     @property
     def run_tokenizer(self):
-        """The run's own copy of its tokenizer in OUT_DIR (either name), or None before it is written."""
+        """The run's own copy of its tokenizer in OUT_DIR (either name), or None before it is
+        written."""
         for name in (rundir.TOKENIZER, rundir.VOCAB):
             if os.path.isfile(os.path.join(self.out_dir, name)):
                 return os.path.join(self.out_dir, name)
@@ -179,18 +184,20 @@ class Run:
 
 
 def preset_note(f):
-    """--help for a model field: its default in each preset (a preset sets it unless the flag is given)."""
+    """--help for a model field: its default in each preset (a preset sets it unless the flag is
+    given)."""
     default = getattr(M3AEConfig(), f.name)
     if not any(f.name in p for p in PRESETS.values()):
         return f" (default: {default})"
-    return " (default: the preset's: " + ", ".join(f"{n} {p.get(f.name, default)}" for n, p in PRESETS.items()) + ")"
+    return (" (default: the preset's: "
+            + ", ".join(f"{n} {p.get(f.name, default)}" for n, p in PRESETS.items()) + ")")
 
 
 def build_parser():
     p = make_parser(__doc__, prog="train.py")
     add_flags(p.add_argument_group("the run (train.Run)"), Run)
-    add_flags(p.add_argument_group("model, masking and loss (model.M3AEConfig)"), M3AEConfig, unset=True,
-              note=preset_note)
+    add_flags(p.add_argument_group("model, masking and loss (model.M3AEConfig)"), M3AEConfig,
+              unset=True, note=preset_note)
     return p
 
 
@@ -227,15 +234,17 @@ def settings(argv=None):
             current = {**asdict(M3AEConfig(**record["model"])), **model_flags}
             model, more, too = resume_merge(M3AEConfig, record["model"], current, model_flags)
             if refused + too:
-                p.error(f"--resume cannot change what the run trains on or with: {'; '.join(refused + too)} (drop "
-                        "these flags to continue as recorded, or start a new run in another --out-dir)")
-            if "lr" in given or "base_lr" in given:  # one of the two sets the peak: the one given wins
+                p.error("--resume cannot change what the run trains on or with: "
+                        f"{'; '.join(refused + too)} (drop these flags to continue as recorded, or "
+                        "start a new run in another --out-dir)")
+            # one of the two sets the peak: the one given wins
+            if "lr" in given or "base_lr" in given:
                 merged.update(base_lr=None) if "lr" in given else merged.update(lr=None)
             run, config, notes = Run(**merged), M3AEConfig(**model), notes + more
         elif run.init_from and not run.bench:
             init = checkpoint.read(run.init_from)
-            shape = [k for k in model_flags if fields_by_name[k].metadata["shape"]] + (["preset"] if "preset" in given
-                                                                                         else [])
+            shape = ([k for k in model_flags if fields_by_name[k].metadata["shape"]]
+                     + (["preset"] if "preset" in given else []))
             if shape:
                 p.error(f"argument {flag_name(shape[0])}: the architecture comes from --init-from")
             config = checkpoint.model_config(init, **model_flags)
@@ -251,59 +260,73 @@ fields_by_name = {f.name: f for f in fields(M3AEConfig)}
 
 
 def check_run(p, run, config):
-    """The combinations no single field can check; fills in the data source and the default base lr."""
+    """The combinations no single field can check; fills in the data source and the default base
+    lr."""
     if run.base_lr is not None and run.lr is not None:
-        p.error("argument --lr: give --lr (absolute) or --base-lr (scaled by batch / 256), not both")
+        p.error("argument --lr: give --lr (absolute) or --base-lr (scaled by batch / 256), "
+                "not both")
     no_text = run.no_text or config.text_loss_weight == 0  # a zero text weight is the MAE baseline
     if config.image_loss_weight == 0 and no_text:
         p.error("argument --image-loss-weight: 0 with no text loss leaves nothing to train")
     world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's; the process group is joined later
     if run.batch_size % (world * run.grad_accum):
-        p.error(f"argument --batch-size: {run.batch_size} must divide by ranks x --grad-accum = {world} x "
-                f"{run.grad_accum}")
+        p.error(f"argument --batch-size: {run.batch_size} must divide by ranks x --grad-accum = "
+                f"{world} x {run.grad_accum}")
     micro = run.batch_size // (world * run.grad_accum)
-    loader_bytes = micro * 3 * config.image_size**2 * 4 * (2 * max(run.workers, 1) + 2)  # prefetched batches
+    # prefetched batches
+    loader_bytes = micro * 3 * config.image_size**2 * 4 * (2 * max(run.workers, 1) + 2)
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if loader_bytes > memory // 2:
-        p.error(f"argument --batch-size: {run.batch_size} ({micro} images of {config.image_size} px per micro-batch"
-                f") needs ~{loader_bytes >> 30} GiB of loader memory, over half of this machine's "
-                f"{memory >> 30} GiB: use --grad-accum, more ranks or a smaller batch")
+        p.error(f"argument --batch-size: {run.batch_size} ({micro} images of {config.image_size} "
+                f"px per micro-batch) needs ~{loader_bytes >> 30} GiB of loader memory, over half "
+                f"of this machine's {memory >> 30} GiB: use --grad-accum, more ranks or a smaller "
+                f"batch")
     if run.profile and not run.bench:
         p.error("argument --profile: only with --bench")
     if run.stop_after is not None and run.stop_after > run.steps:
         p.error(f"argument --stop-after: {run.stop_after} is past --steps {run.steps}")
     if run.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"argument --device: {run.device} needs a CUDA GPU and none is visible (use --device cpu)")
+        p.error(f"argument --device: {run.device} needs a CUDA GPU and none is visible "
+                "(use --device cpu)")
     if run.resume and run.overwrite:
-        p.error("argument --overwrite: not with --resume (--overwrite deletes the run that --resume continues)")
+        p.error("argument --overwrite: not with --resume (--overwrite deletes the run that "
+                "--resume continues)")
     if run.no_text and run.text_file:
-        p.error("argument --text-file: text-only samples teach the MAE baseline (--no-text) nothing")
+        p.error("argument --text-file: text-only samples teach the MAE baseline (--no-text) "
+                "nothing")
     if run.resume and run.init_from:
-        p.error("argument --init-from: a resumed run continues from its own checkpoint; drop --init-from")
+        p.error("argument --init-from: a resumed run continues from its own checkpoint; "
+                "drop --init-from")
     # the data source follows from the flags; a contradiction is refused
     inferred = "csv" if run.csv else ("wds" if run.wds_shards else "builtin")
     if run.csv and run.wds_shards:
         p.error("argument --csv: give --csv or --wds-shards, not both")
     if run.data not in (None, inferred):
-        need = {"csv": "--csv FILE", "wds": "--wds-shards PATTERN", "builtin": "neither --csv nor --wds-shards"}
+        need = {"csv": "--csv FILE", "wds": "--wds-shards PATTERN",
+                "builtin": "neither --csv nor --wds-shards"}
         p.error(f"argument --data: {run.data!r} needs {need[run.data]}")
     for f in ("csv_img_key", "csv_caption_key", "csv_separator"):
         if getattr(run, f) is not None and inferred != "csv":
             p.error(f"argument {flag_name(f)}: only with --csv")
     if (inferred == "wds") != (run.epoch_samples is not None):
-        p.error("argument --epoch-samples: needed with --wds-shards (a stream has no length), and only with it")
+        p.error("argument --epoch-samples: needed with --wds-shards (a stream has no length), "
+                "and only with it")
     if inferred == "wds":
         try:
-            data.expand_shards(run.wds_shards)  # refuses a pattern that matches nothing, and missing files
+            # refuses a pattern that matches nothing, and missing files
+            data.expand_shards(run.wds_shards)
         except ValueError as e:
             p.error(f"argument --wds-shards: {run.wds_shards!r} cannot be read: {e}")
     if inferred == "wds" and run.epoch_samples < micro * max(run.workers, 1):
-        print(f"warning: --epoch-samples {run.epoch_samples} is less than one micro-batch for each of the "
-              f"{max(run.workers, 1)} worker(s) of {world} rank(s): each epoch ends before every worker delivers")
+        print(f"warning: --epoch-samples {run.epoch_samples} is less than one micro-batch for each "
+              f"of the {max(run.workers, 1)} worker(s) of {world} rank(s): each epoch ends before "
+              f"every worker delivers")
     if inferred == "wds" and run.epoch_samples < run.batch_size:
-        p.error(f"argument --epoch-samples: {run.epoch_samples} is less than one --batch-size {run.batch_size}")
+        p.error(f"argument --epoch-samples: {run.epoch_samples} is less than one --batch-size "
+                f"{run.batch_size}")
     for flag, path, kind in (("init-from", run.init_from, "file"), ("csv", run.csv, "file"),
-                             ("text-file", run.text_file, "file"), ("tokenizer", run.tokenizer, "file"),
+                             ("text-file", run.text_file, "file"),
+                             ("tokenizer", run.tokenizer, "file"),
                              ("image-dir", run.image_dir, "folder")):
         if path and not (os.path.isfile(path) if kind == "file" else os.path.isdir(path)):
             p.error(f"argument --{flag}: {path!r} is not a {kind}")
@@ -314,9 +337,11 @@ def check_run(p, run, config):
             p.error(str(e))
     # legal but almost surely unintended: one line each
     if run.warmup_steps >= run.steps:
-        print(f"warning: --warmup-steps {run.warmup_steps} >= --steps {run.steps}: the lr never leaves warmup")
+        print(f"warning: --warmup-steps {run.warmup_steps} >= --steps {run.steps}: the lr never "
+              f"leaves warmup")
     if config.image_mask_ratio == 0 and (config.text_mask_ratio == 0 or no_text):
-        print("warning: nothing is masked (--image-mask-ratio 0, no text masking): the loss is over no token")
+        print("warning: nothing is masked (--image-mask-ratio 0, no text masking): the loss is "
+              "over no token")
     # tiny: peak lr 1.5e-3 at batch 64 barely taught the text to read the image in 1000 steps; 6e-3
     # does (measured on the built-in data: docs/log.md)
     base_lr = run.base_lr if run.base_lr or run.lr else (6e-3 if run.preset == "tiny" else 1.5e-4)
@@ -345,7 +370,8 @@ def train_flops_per_sample(c, with_text=True, with_image=True):
     (the pixels) needs no gradient. The output heads run on the removed tokens only
     (M3AE.forward_loss). Equal to torch.utils.flop_counter's count of a step with attn "math"
     (tests/test_bench.py)."""
-    def transformer(n, d, depth):  # qkv 6nd^2 + proj 2nd^2 + mlp 4nd*hidden + attention 4n^2d (q k^T, p v)
+    # qkv 6nd^2 + proj 2nd^2 + mlp 4nd*hidden + attention 4n^2d (q k^T, p v)
+    def transformer(n, d, depth):
         return depth * (8 * n * d * d + 4 * n * d * int(d * c.mlp_ratio) + 4 * n * n * d)
     N, T = (c.num_patches if with_image else 0), (c.text_len if with_text else 0)
     kept_img, kept_txt = num_kept(N, c.image_mask_ratio), num_kept(T, c.text_mask_ratio)
@@ -354,14 +380,16 @@ def train_flops_per_sample(c, with_text=True, with_image=True):
     patch_embed = 2 * N * c.patch_dim * c.emb_dim
     fwd = (patch_embed + transformer(n_enc, c.emb_dim, c.depth)
            + 2 * n_enc * c.emb_dim * c.dec_emb_dim + transformer(n_dec, c.dec_emb_dim, c.dec_depth)
-           + 2 * head_img * c.dec_emb_dim * c.patch_dim + 2 * head_txt * c.dec_emb_dim * c.vocab_size)
+           + 2 * head_img * c.dec_emb_dim * c.patch_dim
+           + 2 * head_txt * c.dec_emb_dim * c.vocab_size)
     return 3 * fwd - patch_embed
 
 
 def rng_state():
     s = {"python": random.getstate(), "torch": torch.get_rng_state()}
     s["numpy"] = list(np.random.get_state())
-    s["numpy"][1] = torch.from_numpy(s["numpy"][1].astype(np.int64))  # weights_only loads tensors, not arrays
+    # weights_only loads tensors, not arrays
+    s["numpy"][1] = torch.from_numpy(s["numpy"][1].astype(np.int64))
     if torch.cuda.is_available():
         s["cuda"] = torch.cuda.get_rng_state_all()
     return s
@@ -396,9 +424,10 @@ class Training:
 
 def scheduled_lr(step, run, ramp=None):
     """The lr of `step`: linear warmup, then cosine to --min-lr at --steps (util.lr_at). After a
-    --resume that changed the schedule (more --steps, another --lr), ramp = [step, lr the old schedule
-    gave there]: the lr goes linearly from that value to the new schedule over --warmup-steps steps,
-    never jumping (a finished run resumed with more steps would restart the cosine near its peak)."""
+    --resume that changed the schedule (more --steps, another --lr), ramp = [step, lr the old
+    schedule gave there]: the lr goes linearly from that value to the new schedule over
+    --warmup-steps steps, never jumping (a finished run resumed with more steps would restart the
+    cosine near its peak)."""
     lr = lr_at(step, run.peak_lr, run.warmup_steps, run.steps, run.min_lr)
     if ramp is not None and run.warmup_steps > 0 and step < ramp[0] + run.warmup_steps:
         lr = ramp[1] + (lr - ramp[1]) * (step - ramp[0] + 1) / run.warmup_steps
@@ -415,20 +444,21 @@ def save(t, env, run, extra):
         rng = [rng_state()]
     if env.master:
         checkpoint.save_checkpoint(checkpoint.checkpoint_dict(
-            t.model, optimizer=t.optimizer.state_dict(), rng=rng, args=asdict(run), **t.progress(), **extra),
-            run.out_dir)
+            t.model, optimizer=t.optimizer.state_dict(), rng=rng, args=asdict(run), **t.progress(),
+            **extra), run.out_dir)
         draw_curves(run.out_dir)
 
 
 def draw_curves(out_dir):
-    """OUT_DIR/curves.png from log.jsonl: every loss term by name, lr, grad norm, images/s. A chart that
-    cannot be drawn is a warning, never the end of a run."""
+    """OUT_DIR/curves.png from log.jsonl: every loss term by name, lr, grad norm, images/s. A chart
+    that cannot be drawn is a warning, never the end of a run."""
     try:
         sheet = plots.training_curves([out_dir])
         if sheet is not None:
             plots.save_png(sheet, os.path.join(out_dir, rundir.CURVES))
     except Exception as e:  # noqa: BLE001 (a picture must not cost a run)
-        print(f"warning: {rundir.CURVES} not drawn: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        print(f"warning: {rundir.CURVES} not drawn: "
+              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
 
 
 # -----------------------------------------------------------------------------
@@ -436,7 +466,8 @@ def draw_curves(out_dir):
 
 
 def blank_batch(empty):
-    """One image-only sample of zeros shaped like the rows of `empty` (a batch whose samples were all skipped)."""
+    """One image-only sample of zeros shaped like the rows of `empty` (a batch whose samples were
+    all skipped)."""
     blank = {k: torch.zeros((1, *v.shape[1:]), dtype=v.dtype) for k, v in empty.items()}
     blank["text_padding_mask"][:] = True
     blank["has_image"][:] = True
@@ -451,14 +482,15 @@ def forward_batch(model, batch, no_text, text_only):
     if no_text:
         return model(batch["image"], image_noise=batch["image_noise"])
     if not text_only.any():
-        return model(batch["image"], batch["text"], batch["text_padding_mask"], batch["image_noise"],
-                     batch["text_noise"])
+        return model(batch["image"], batch["text"], batch["text_padding_mask"],
+                     batch["image_noise"], batch["text_noise"])
     device = batch["text"].device
     pick = lambda rows: {k: v[rows.nonzero().squeeze(1).to(device)] for k, v in batch.items()}
     outs = []
     if (~text_only).any():
         b = pick(~text_only)
-        outs.append(model(b["image"], b["text"], b["text_padding_mask"], b["image_noise"], b["text_noise"]))
+        outs.append(model(b["image"], b["text"], b["text_padding_mask"], b["image_noise"],
+                          b["text_noise"]))
     b = pick(text_only)
     outs.append(model(None, b["text"], b["text_padding_mask"], text_noise=b["text_noise"]))
     return {k: sum(o[k] for o in outs if k in o) for k in {k for o in outs for k in o}}
@@ -477,17 +509,21 @@ def train_step(t, batches, lr, env, run, config, skips):
         batch = next(batches)
         skips.add(batch.pop("skipped"))
         weight, used = 1.0, used + len(batch["image"])
-        if len(batch["image"]) == 0:  # every sample was bad: a blank one with weight 0 keeps DDP in step
+        # every sample was bad: a blank one with weight 0 keeps DDP in step
+        if len(batch["image"]) == 0:
             batch, weight = blank_batch(batch), 0.0
-        start = env.rank * per_rank + micro * micro_batch  # this micro-batch's rows of the global batch
-        rows = slice(start, start + len(batch["image"]))  # (a batch shrinks when bad samples are skipped)
+        # this micro-batch's rows of the global batch (a batch shrinks when bad samples are skipped)
+        start = env.rank * per_rank + micro * micro_batch
+        rows = slice(start, start + len(batch["image"]))
         # masking noise drawn for the whole global batch from (seed, step): the same masks on any
         # rank count
-        noise = masking_noise(mix_seed(run.seed, t.step, 1), run.batch_size, config.num_patches, config.text_len)
+        noise = masking_noise(mix_seed(run.seed, t.step, 1), run.batch_size, config.num_patches,
+                              config.text_len)
         batch["image_noise"], batch["text_noise"] = noise[0][rows], noise[1][rows]
         text_only = ~batch["has_image"]  # read on the host, before the copy: no device sync
         batch = {k: v.to(env.device, non_blocking=True) for k, v in batch.items()}
-        sync = nullcontext() if (not env.ddp or micro == run.grad_accum - 1) else t.step_model.no_sync()
+        sync = (nullcontext() if (not env.ddp or micro == run.grad_accum - 1)
+                else t.step_model.no_sync())
         with sync, env.autocast:
             out = forward_batch(t.step_model, batch, run.no_text, text_only)
         (out["loss"] * (weight / run.grad_accum)).backward()
@@ -504,7 +540,8 @@ def train_step(t, batches, lr, env, run, config, skips):
 
 
 def main(argv=None):
-    run, config, init, notes = settings(argv)  # every flag checked; --resume: the run's own settings
+    # every flag checked; --resume: the run's own settings
+    run, config, init, notes = settings(argv)
     env = setup(run.device, run.dtype, run.compile)
     if run.bench:
         return bench(run, config, env)
@@ -530,9 +567,11 @@ def main(argv=None):
         dist.barrier()  # rank 0 claimed OUT_DIR and wrote the tokenizer; the others read it now
         if not env.master and not run.no_text:
             tokenizer = load_tokenizer(run.run_tokenizer)
-            config = replace(config, vocab_size=config.vocab_size if init or run.resume else tokenizer.vocab_size)
+            config = replace(config, vocab_size=config.vocab_size if init or run.resume
+                             else tokenizer.vocab_size)
     dataset, probe_sets = build_datasets(run, sources, tokenizer, config)
-    fingerprint = run_fingerprint(run, tokenizer) if env.master else None  # rank 0 checks and saves it
+    # rank 0 checks and saves it
+    fingerprint = run_fingerprint(run, tokenizer) if env.master else None
 
     # --- model and optimizer; the initial weights depend on --seed alone (the same on every rank)
     # ---
@@ -540,36 +579,39 @@ def main(argv=None):
     model = M3AE(config).to(env.device)
     if init:
         model.load_state_dict(init["model"])
-    if run.no_text:  # the MAE baseline never uses the text path: freeze it (DDP then expects no gradient)
+    # the MAE baseline never uses the text path: freeze it (DDP then expects no gradient)
+    if run.no_text:
         for name, p in model.named_parameters():
             if name.startswith(("text_", "enc_text", "dec_text")):
                 p.requires_grad_(False)
-    optimizer = torch.optim.AdamW(param_groups(model, run.weight_decay), lr=0.0, betas=(0.9, run.beta2),
-                                  fused=env.cuda)
+    optimizer = torch.optim.AdamW(param_groups(model, run.weight_decay), lr=0.0,
+                                  betas=(0.9, run.beta2), fused=env.cuda)
     t = Training(model, model, optimizer)
     if run.resume and not resume(t, run, env, fingerprint, notes):
         return finish(lock, env)
     if env.master:
-        rundir.write_config(run.out_dir, {"run": asdict(run), "model": asdict(config), "world_size": env.world,
-                                          "fingerprint": fingerprint})
+        rundir.write_config(run.out_dir, {"run": asdict(run), "model": asdict(config),
+                                          "world_size": env.world, "fingerprint": fingerprint})
         print(f"{run.preset if not init else os.path.basename(run.init_from)}: "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-              f"{'MAE baseline (no text)' if run.no_text else 'M3AE'}, data {run.data}, global batch "
-              f"{run.batch_size} = {env.world} ranks x {run.grad_accum} accum x {run.batch_size // env.world // run.grad_accum}"
-              f", lr {run.peak_lr:.2e}, device {env.device}, autocast {run.dtype or ('bf16' if env.cuda else 'fp32')}"
-              f", compile {env.compile}, workers {run.workers}")
+              f"{'MAE baseline (no text)' if run.no_text else 'M3AE'}, data {run.data}, "
+              f"global batch {run.batch_size} = {env.world} ranks x {run.grad_accum} accum x "
+              f"{run.batch_size // env.world // run.grad_accum}, lr {run.peak_lr:.2e}, device "
+              f"{env.device}, autocast {run.dtype or ('bf16' if env.cuda else 'fp32')}, compile "
+              f"{env.compile}, workers {run.workers}")
 
     # --- compile and DDP wrap the model the loop steps; t.model stays the plain module we save ---
     t.step_model = torch.compile(model) if env.compile else model
     if env.ddp:
         # unpaired data can leave one modality's parameters without a gradient on some rank
         t.step_model = DDP(t.step_model, device_ids=[env.device.index] if env.cuda else None,
-                           find_unused_parameters=run.paired_share < 1 or bool(run.text_file or run.image_dir))
+                           find_unused_parameters=(run.paired_share < 1
+                                                   or bool(run.text_file or run.image_dir)))
 
     # --- the loop; what a checkpoint carries besides weights and progress: how to read data for
     # this encoder ---
-    extra = dict(fingerprint=fingerprint, data={"mean": list(sources.norm[0]), "std": list(sources.norm[1]),
-                                                "source": run.data})
+    extra = dict(fingerprint=fingerprint, data={"mean": list(sources.norm[0]),
+                                                "std": list(sources.norm[1]), "source": run.data})
     if tokenizer is not None:
         extra["tokenizer"] = {"kind": tokenizer.kind, "blob": tokenizer.to_bytes()}
     finished = loop(t, dataset, env, run, config, extra)
@@ -585,19 +627,22 @@ def main(argv=None):
 
 
 def claim(run):
-    """rundir.claim, its refusal as a one-line error (exit 2); the user's own input files are never deleted."""
+    """rundir.claim, its refusal as a one-line error (exit 2); the user's own input files are never
+    deleted."""
     try:
-        return rundir.claim(run.out_dir, run.overwrite, inputs=(run.tokenizer, run.init_from, run.csv,
-                                                                 run.text_file))
+        return rundir.claim(run.out_dir, run.overwrite,
+                            inputs=(run.tokenizer, run.init_from, run.csv, run.text_file))
     except rundir.RunDirError as e:
         build_parser().error(str(e))
 
 
 def keep_tokenizer(run, tokenizer):
-    """The run keeps its own copy of its tokenizer in OUT_DIR (a --resume and a moved folder need nothing else)."""
+    """The run keeps its own copy of its tokenizer in OUT_DIR (a --resume and a moved folder need
+    nothing else)."""
     if tokenizer is None:
         return
-    path = os.path.join(run.out_dir, rundir.TOKENIZER if tokenizer.kind == "sentencepiece" else rundir.VOCAB)
+    path = os.path.join(run.out_dir,
+                        rundir.TOKENIZER if tokenizer.kind == "sentencepiece" else rundir.VOCAB)
     if run.tokenizer and os.path.exists(path) and os.path.samefile(path, run.tokenizer):
         return  # the user's own file, already in place
     if not os.path.exists(path):
@@ -605,10 +650,11 @@ def keep_tokenizer(run, tokenizer):
 
 
 def run_fingerprint(run, tokenizer):
-    """What the run reads (rundir.data_fingerprint), by role: the CSV or shards, the extras, the tokenizer."""
+    """What the run reads (rundir.data_fingerprint), by role: the CSV or shards, the extras, the
+    tokenizer."""
     shards = data.expand_shards(run.wds_shards) if run.data == "wds" else []
-    return rundir.data_fingerprint(files={"csv": run.csv, "text_file": run.text_file}, shards=shards,
-                                   folders={"image_dir": run.image_dir},
+    return rundir.data_fingerprint(files={"csv": run.csv, "text_file": run.text_file},
+                                   shards=shards, folders={"image_dir": run.image_dir},
                                    tokenizer_bytes=tokenizer.to_bytes() if tokenizer else None)
 
 
@@ -616,7 +662,8 @@ def resume(t, run, env, fingerprint, notes):
     """--resume: the newest readable checkpoint, the run's data unchanged, the log without replayed
     steps. Returns False when the run has nothing left to train."""
     try:
-        ckpt, name = checkpoint.load_checkpoint(run.out_dir, map_location=env.device, aside=env.master)
+        ckpt, name = checkpoint.load_checkpoint(run.out_dir, map_location=env.device,
+                                                aside=env.master)
         if ckpt is not None and env.master:
             rundir.check_fingerprint(ckpt.get("fingerprint") or fingerprint, fingerprint)
     except (checkpoint.CheckpointError, rundir.RunDirError) as e:
@@ -625,8 +672,9 @@ def resume(t, run, env, fingerprint, notes):
         print(f"--resume: no checkpoint in {run.out_dir} yet, starting at step 0")
         return True
     if ckpt["step"] > run.steps:
-        build_parser().error(f"argument --steps: {run.steps} is below the run's step {ckpt['step']}: a run cannot train backwards (more "
-             "steps, or none: the run is as it was)")
+        build_parser().error(f"argument --steps: {run.steps} is below the run's step "
+                             f"{ckpt['step']}: a run cannot train backwards (more steps, or none: "
+                             "the run is as it was)")
     t.model.load_state_dict(ckpt["model"])
     t.optimizer.load_state_dict(ckpt["optimizer"])
     t.step, t.epoch, t.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
@@ -640,13 +688,13 @@ def resume(t, run, env, fingerprint, notes):
     if abs(before - after) > 1e-12 * max(abs(before), abs(after)) and t.step < run.steps:
         t.ramp = [t.step, before]
         notes = notes + [f"the lr schedule changed: at step {t.step} the run's schedule gives "
-                         f"{before:.3g} and the new one {after:.3g}; the lr moves from one to the other "
-                         f"over --warmup-steps {run.warmup_steps} steps, then follows the new cosine "
-                         f"to step {run.steps}"]
+                         f"{before:.3g} and the new one {after:.3g}; the lr moves from one to the "
+                         f"other over --warmup-steps {run.warmup_steps} steps, then follows the "
+                         f"new cosine to step {run.steps}"]
     if t.step >= run.steps:
         if env.master:
-            print(f"{run.out_dir} is already at step {t.step} of --steps {run.steps}: nothing to train (to train "
-                  f"longer: --resume --steps N)")
+            print(f"{run.out_dir} is already at step {t.step} of --steps {run.steps}: nothing to "
+                  f"train (to train longer: --resume --steps N)")
         return False
     if env.master:
         rundir.trim_log(run.out_dir, t.step)
@@ -679,32 +727,35 @@ def loop(t, dataset, env, run, config, extra):
     loader = make_loader(dataset, per_rank // run.grad_accum, run.workers, env, run.seed)
     log_file = open(os.path.join(run.out_dir, rundir.LOG), "a") if env.master else None
     skips, seen, used = data.SkipLog(), data.SkipLog(), 0  # this epoch's, the run's, samples used
-    first_bad = torch.tensor(-1, device=env.device)  # the first step with a non-finite loss or gradient
+    # the first step with a non-finite loss or gradient
+    first_bad = torch.tensor(-1, device=env.device)
     last_saved = t.step if run.resume else None
 
     def check():
-        good = (f"{os.path.join(run.out_dir, checkpoint.CKPT)} (step {last_saved})" if last_saved is not None
-                else "none: no checkpoint was written before it")
+        good = (f"{os.path.join(run.out_dir, checkpoint.CKPT)} (step {last_saved})"
+                if last_saved is not None else "none: no checkpoint was written before it")
         if first_bad.item() >= 0:
-            raise FloatingPointError(f"non-finite loss or gradient norm at step {first_bad.item() + 1}; stopped "
-                                     f"without saving. The last good checkpoint is {good}")
+            raise FloatingPointError(f"non-finite loss or gradient norm at step "
+                                     f"{first_bad.item() + 1}; stopped without saving. The last "
+                                     f"good checkpoint is {good}")
         if used == 0 and env.world == 1:
-            raise DataError(f"no readable sample in {t.step} steps ({skips.report()}); stopped without saving. "
-                            f"The last good checkpoint is {good}")
+            raise DataError(f"no readable sample in {t.step} steps ({skips.report()}); stopped "
+                            f"without saving. The last good checkpoint is {good}")
 
     first_step = t.step
     bar = tqdm(total=run.steps, initial=t.step, disable=not env.master, dynamic_ncols=True)
     t_last, samples_since = time.perf_counter(), 0
     while t.step < run.steps:
-        batches, steps_in_epoch = epoch_batches(loader, t.epoch, t.batch_in_epoch, per_rank, env, run.seed,
-                                                run.epoch_samples, run.batch_size, run.grad_accum)
+        batches, steps_in_epoch = epoch_batches(loader, t.epoch, t.batch_in_epoch, per_rank, env,
+                                                run.seed, run.epoch_samples, run.batch_size,
+                                                run.grad_accum)
         while t.batch_in_epoch < steps_in_epoch and t.step < run.steps:
             lr = scheduled_lr(t.step, run, t.ramp)
             terms, grad_norm, n = train_step(t, batches, lr, env, run, config, skips)
             finite = torch.isfinite(terms["loss"]) & torch.isfinite(grad_norm)
             first_bad = torch.where((first_bad < 0) & ~finite, t.step, first_bad)
-            t.step, t.batch_in_epoch, used, samples_since = t.step + 1, t.batch_in_epoch + 1, used + n, \
-                samples_since + run.batch_size
+            t.step, t.batch_in_epoch, used, samples_since = t.step + 1, t.batch_in_epoch + 1, \
+                used + n, samples_since + run.batch_size
             bar.update(1)
             if t.step % run.log_every == 0 or t.step == run.steps:
                 check()
@@ -715,7 +766,8 @@ def loop(t, dataset, env, run, config, extra):
                     if env.cuda:
                         rec["mfu"] = rate * flops_per_sample / (run.peak_tflops * 1e12 * env.world)
                     rundir.append_log(log_file, rec)
-                    bar.set_postfix({k.replace("_loss", ""): f"{v:.4g}" for k, v in rec.items() if k.endswith("loss")}
+                    bar.set_postfix({k.replace("_loss", ""): f"{v:.4g}" for k, v in rec.items()
+                                     if k.endswith("loss")}
                                     | dict(lr=f"{lr:.2e}", ips=f"{rate:.0f}"))
                 t_last, samples_since = time.perf_counter(), 0
             if t.step % run.save_every == 0 or t.step == run.steps or t.step == run.stop_after:
@@ -748,7 +800,8 @@ def log_record(terms, env):
         gathered = [None] * env.world
         dist.all_gather_object(gathered, names)
         names = sorted(set().union(*gathered))
-        values = torch.stack([terms[k] if k in terms else torch.zeros((), device=env.device) for k in names])
+        values = torch.stack([terms[k] if k in terms else torch.zeros((), device=env.device)
+                              for k in names])
         dist.all_reduce(values, op=dist.ReduceOp.AVG)
         return dict(zip(names, values.tolist()))
     return {k: terms[k].item() for k in names}
@@ -758,9 +811,9 @@ def summary(run, step, finished):
     """What was saved where, and the next commands."""
     ckpt = os.path.join(run.out_dir, checkpoint.CKPT)
     print(f"done: {ckpt} (step {step}), {os.path.join(run.out_dir, rundir.LOG)}, "
-          f"{os.path.join(run.out_dir, rundir.CONFIG)}. Next: python probe.py --ckpt {ckpt} --train-dir TRAIN "
-          f"--test-dir TEST; python viz.py --ckpt {ckpt}; more steps: python train.py --out-dir {run.out_dir} "
-          f"--resume --steps {2 * step}")
+          f"{os.path.join(run.out_dir, rundir.CONFIG)}. Next: python probe.py --ckpt {ckpt} "
+          f"--train-dir TRAIN --test-dir TEST; python viz.py --ckpt {ckpt}; more steps: python "
+          f"train.py --out-dir {run.out_dir} --resume --steps {2 * step}")
 
 
 def end_of_run_check(model, tokenizer, probe_sets, run, step):
@@ -769,14 +822,18 @@ def end_of_run_check(model, tokenizer, probe_sets, run, step):
     accs = probe.quick_probe(model, *probe_sets, seed=run.seed)
     result = {"probe_top1": accs["shape"], "probe_top1_colour": accs["colour"], "steps": step,
               "model": "MAE (no text)" if run.no_text else "M3AE"}
-    print(f"quick linear probe (probe.py fast mode: frozen CLS, BatchNorm + Linear, LARS) top-1: main object's "
-          f"shape {accs['shape']:.2f}% (10 classes), its colour {accs['colour']:.2f}% (11 classes)")
+    print(f"quick linear probe (probe.py fast mode: frozen CLS, BatchNorm + Linear, LARS) top-1: "
+          f"main object's shape {accs['shape']:.2f}% (10 classes), its colour "
+          f"{accs['colour']:.2f}% (11 classes)")
     if not run.no_text:
-        own, other = probe.builtin_text_grounding(model, tokenizer, run.data_seed, run.data_level, run.seed)
+        own, other = probe.builtin_text_grounding(model, tokenizer, run.data_seed, run.data_level,
+                                                  run.seed)
         result.update(text_ce_own_image=own, text_ce_other_image=other)
-        print(f"text grounding: masked-word cross-entropy {own:.3f} beside its own image, {other:.3f} beside "
-              f"another's (1000 held-out pairs; equal = the text ignores the image)")
-    checkpoint.write_atomic(os.path.join(run.out_dir, "probe.json"), lambda f: json.dump(result, f), mode="w")
+        print(f"text grounding: masked-word cross-entropy {own:.3f} beside its own image, "
+              f"{other:.3f} beside another's (1000 held-out pairs; equal = the text ignores the "
+              f"image)")
+    checkpoint.write_atomic(os.path.join(run.out_dir, "probe.json"), lambda f: json.dump(result, f),
+                            mode="w")
     return result
 
 
@@ -789,8 +846,8 @@ def bench(run, config, env):
     device, B = env.device, run.batch_size // env.world // run.grad_accum
     config = replace(config, vocab_size=run.vocab_size)
     model = M3AE(config).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, run.weight_decay), lr=1e-4, betas=(0.9, run.beta2),
-                                  fused=env.cuda)
+    optimizer = torch.optim.AdamW(param_groups(model, run.weight_decay), lr=1e-4,
+                                  betas=(0.9, run.beta2), fused=env.cuda)
     step_model = torch.compile(model) if env.compile else model
     images = torch.randn(B, 3, config.image_size, config.image_size, device=device)
     text = torch.randint(1, config.vocab_size, (B, config.text_len), device=device)
@@ -822,17 +879,21 @@ def bench(run, config, env):
         from kernels.dispatch import attention_impl
 
         n_img, n_txt = config.num_patches, 0 if run.no_text else config.text_len
-        n_enc = 1 + num_kept(n_img, config.image_mask_ratio) + num_kept(n_txt, config.text_mask_ratio)
+        n_enc = (1 + num_kept(n_img, config.image_mask_ratio)
+                 + num_kept(n_txt, config.text_mask_ratio))
         pick = lambda n, d: attention_impl(device.type, env.compile, n, d)
-        attn = (f"auto (encoder {n_enc} tokens: {pick(n_enc, config.emb_dim // config.num_heads)}, decoder "
-                f"{1 + n_img + n_txt}: {pick(1 + n_img + n_txt, config.dec_emb_dim // config.dec_num_heads)})")
-    print(f"bench: preset {run.preset}, batch {B}, vocab {config.vocab_size}, attn {attn}, compile {env.compile}, "
-          f"{'image-only' if run.no_text else 'paired'}, device {device}")
+        attn = (f"auto (encoder {n_enc} tokens: "
+                f"{pick(n_enc, config.emb_dim // config.num_heads)}, decoder {1 + n_img + n_txt}: "
+                f"{pick(1 + n_img + n_txt, config.dec_emb_dim // config.dec_num_heads)})")
+    print(f"bench: preset {run.preset}, batch {B}, vocab {config.vocab_size}, attn {attn}, "
+          f"compile {env.compile}, {'image-only' if run.no_text else 'paired'}, device {device}")
     print(f"  step {dt * 1e3:.1f} ms | {rate:.1f} images/s | {flops / 1e12:.2f} TFLOP/s | "
-          f"MFU {flops / (run.peak_tflops * 1e12):.1%} (peak {run.peak_tflops:.0f} TFLOP/s) | peak memory {mem}")
+          f"MFU {flops / (run.peak_tflops * 1e12):.1%} (peak {run.peak_tflops:.0f} TFLOP/s) | "
+          f"peak memory {mem}")
     result = dict(step_ms=dt * 1e3, images_per_s=rate, tflops=flops / 1e12)
     if run.profile:
-        from kernels import op_profile  # imported here: it imports triton, which the rest of --bench may not need
+        # imported here: it imports triton, which the rest of --bench may not need
+        from kernels import op_profile
 
         steps = min(5, run.bench_steps)
         times = op_profile.profile_steps(one_step, steps, env.cuda)
@@ -845,4 +906,5 @@ if __name__ == "__main__":
     try:
         main()
     except (FloatingPointError, DataError, checkpoint.DiskFull, checkpoint.CheckpointError) as e:
-        sys.exit(f"train.py: error: {e}")  # a run that cannot go on: one line, the reason and what is saved
+        # a run that cannot go on: one line, the reason and what is saved
+        sys.exit(f"train.py: error: {e}")
