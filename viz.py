@@ -309,10 +309,12 @@ def caption_words(tokenizer, ids, pad):
     return [(text or "_", slots) for text, slots in words]
 
 
-def pick_word(words, word=None):
+def pick_word(words, word=None, common=frozenset()):
     """Index into words of the word to map: `word` (case-insensitive; a word that starts with it if
-    none is equal), else the first shape name (SHAPE_NAMES), else the first non-stop word, else the
-    first word. None when the caption is empty. Returns (index, whether `word` was found)."""
+    none is equal), else the first shape name (SHAPE_NAMES), else the first non-stop word that is not
+    in `common` (words every shown caption has, like "photo" in "a photo of a ..."), else the first
+    non-stop word, else the first word. None when the caption is empty. Returns (index, whether
+    `word` was found)."""
     if not words:
         return None, False
     texts = [t.lower() for t, _ in words]
@@ -322,7 +324,9 @@ def pick_word(words, word=None):
                       [k for k, t in enumerate(texts) if t.startswith(w)]):
             if match:
                 return match[0], True
-    for allowed in (lambda t: t in SHAPE_NAMES, lambda t: t.isalpha() and t not in STOP_WORDS):
+    for allowed in (lambda t: t in SHAPE_NAMES,
+                    lambda t: t.isalpha() and t not in STOP_WORDS and t not in common,
+                    lambda t: t.isalpha() and t not in STOP_WORDS):
         hits = [k for k, t in enumerate(texts) if allowed(t)]
         if hits:
             return hits[0], False
@@ -783,7 +787,10 @@ def figure_word_attention(model, tokenizer, batch, view, ctx, samples, word=None
     """Figure 7: a word's attention over the image patches, per layer and the last layer larger."""
     images, text, pad = batch["image"], batch["text"], batch["pad"]
     words = [caption_words(tokenizer, text[i], pad[i]) for i in range(len(images))]
-    chosen = [pick_word(ws, word) for ws in words]
+    # a word every caption shares says nothing about its image: map one that tells them apart
+    shared = set.intersection(*[{t.lower() for t, _ in ws} for ws in words]) if len(words) > 1 \
+        else set()
+    chosen = [pick_word(ws, word, frozenset(shared)) for ws in words]
     if word and not all(found for (k, found), ws in zip(chosen, words) if ws):
         print(f"viz: --word {word!r} is not in every caption; those rows show their default word "
               "instead")

@@ -192,6 +192,12 @@ def test_caption_words_and_pick_word(loaded):
     plain = viz.caption_words(tokenizer, *tokenizer.encode("there is a yellow thing", 32))
     assert plain[viz.pick_word(plain)[0]][0] == "thing"
     assert viz.pick_word(viz.caption_words(tokenizer, *tokenizer.encode("", 32))) == (None, False)
+    # real captions share their frame ("a black and white product photo of a ..."): the default is the word
+    # that tells the shown captions apart, not the first one
+    real = [(w, [k]) for k, w in enumerate("a black and white product photo of a sneaker".split())]
+    shared = frozenset("a black and white product photo of".split())
+    assert real[viz.pick_word(real, common=shared)[0]][0] == "sneaker"
+    assert real[viz.pick_word(real)[0]][0] == "black"  # with nothing shared: the first non-stop word
     tiny = make_config("tiny", image_size=64)  # 64 px, 8 px patches: an 8 x 8 grid
     assert viz.default_patch(dict(box=(40, 8, 56, 24)), tiny) == (2, 6)  # the box's centre (48, 16) px
     assert viz.default_patch(dict(box=None), tiny) == (4, 4)
