@@ -1,12 +1,13 @@
 """Charts drawn with PIL alone (no plotting library): what the scripts show instead of JSON lines.
 
-    python plots.py curves runs/m3ae runs/mae --out curves.png     # training curves, several runs overlaid
+    python plots.py curves runs/m3ae runs/mae --out curves.png     # training curves, several runs
+                                                                   overlaid
     python plots.py tsne --ckpt runs/m3ae/ckpt.pt --ckpt runs/mae/ckpt.pt --test-dir labelled/test
 
-train.py draws OUT_DIR/curves.png at each save and at the end (training_curves); ood.py draws the score
-histograms of the paper's Fig. 6 (histograms); sweep.py the ablation bars of Figs. 3-5 (bar_chart); `tsne` the
-frozen features of two checkpoints side by side, coloured by class (the paper's Fig. 9; tsne() is exact t-SNE
-in torch, for up to a few thousand points).
+train.py draws OUT_DIR/curves.png at each save and at the end (training_curves); ood.py draws the
+score histograms of the paper's Fig. 6 (histograms); sweep.py the ablation bars of Figs. 3-5
+(bar_chart); `tsne` the frozen features of two checkpoints side by side, coloured by class (the
+paper's Fig. 9; tsne() is exact t-SNE in torch, for up to a few thousand points).
 """
 
 import json
@@ -17,8 +18,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 # a colour per series or class: distinguishable, and readable on white (Tableau 10)
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 W, H = 480, 320  # one panel
 MARGIN = dict(left=64, right=16, top=34, bottom=40)
 
@@ -61,15 +62,18 @@ def axes(draw, title, xlabel, ylabel, x_range, y_range, log_y=False, xticks=True
         x0, x1 = x0 - 1, x1 + 1
     if y1 == y0:
         y0, y1 = y0 - 1, y1 + 1
-    left, top, right, bottom = MARGIN["left"], MARGIN["top"], W - MARGIN["right"], H - MARGIN["bottom"]
+    left, top, right, bottom = (MARGIN["left"], MARGIN["top"], W - MARGIN["right"],
+                                H - MARGIN["bottom"])
 
     def at(x, y):
         y = math.log10(max(y, 1e-30)) if log_y else y
-        return (left + (x - x0) / (x1 - x0) * (right - left), bottom - (y - y0) / (y1 - y0) * (bottom - top))
+        return (left + (x - x0) / (x1 - x0) * (right - left),
+                bottom - (y - y0) / (y1 - y0) * (bottom - top))
 
     draw.rectangle([left, top, right, bottom], outline=(90, 90, 90))
     draw.text((left, 8), title, fill=(0, 0, 0), font=font(14))
-    draw.text(((left + right) / 2 - 3 * len(xlabel), H - 18), xlabel, fill=(60, 60, 60), font=font(12))
+    draw.text(((left + right) / 2 - 3 * len(xlabel), H - 18), xlabel, fill=(60, 60, 60),
+              font=font(12))
     if ylabel and ylabel != title:
         draw.text((4, top - 16), ylabel, fill=(60, 60, 60), font=font(12))
     for t in ticks(x0, x1) if xticks else []:
@@ -92,12 +96,15 @@ def legend(draw, names, x=None, y=None):
 
 
 def line_chart(series, title, xlabel="step", ylabel="", log_y=False):
-    """series: {name: [(x, y), ...]} -> one panel (PIL image), a line per series, a legend if several."""
+    """series: {name: [(x, y), ...]} -> one panel (PIL image), a line per series, a legend if
+    several."""
     img = Image.new("RGB", (W, H), "white")
     draw = ImageDraw.Draw(img)
-    points = [(x, y) for pts in series.values() for x, y in pts if math.isfinite(y) and (y > 0 or not log_y)]
+    points = [(x, y) for pts in series.values() for x, y in pts
+              if math.isfinite(y) and (y > 0 or not log_y)]
     if not points:
-        draw.text((MARGIN["left"], H // 2), f"{title}: nothing to draw", fill=(0, 0, 0), font=font(13))
+        draw.text((MARGIN["left"], H // 2), f"{title}: nothing to draw", fill=(0, 0, 0),
+                  font=font(13))
         return img
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     at = axes(draw, title, xlabel, ylabel, (min(xs), max(xs)), (min(ys), max(ys)), log_y)
@@ -106,7 +113,8 @@ def line_chart(series, title, xlabel="step", ylabel="", log_y=False):
         if len(pts) > 1:
             draw.line(pts, fill=colour(i), width=2)
         elif pts:
-            draw.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=colour(i))
+            draw.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2],
+                         fill=colour(i))
     if len(series) > 1:
         legend(draw, list(series))
     return img
@@ -126,7 +134,8 @@ def grid(panels, cols=3, title=None):
 
 
 def histograms(groups, title, xlabel="score", bins=40):
-    """groups: {name: 1-D values} -> overlaid histograms (normalised to a density, outlines), one panel."""
+    """groups: {name: 1-D values} -> overlaid histograms (normalised to a density, outlines), one
+    panel."""
     img = Image.new("RGB", (W, H), "white")
     draw = ImageDraw.Draw(img)
     values = {k: [float(v) for v in vs if math.isfinite(float(v))] for k, vs in groups.items()}
@@ -151,8 +160,8 @@ def histograms(groups, title, xlabel="score", bins=40):
 
 
 def bar_chart(groups, title, ylabel="top-1 %", floor=None):
-    """groups: {label: (mean, std)} -> bars with +-std whiskers; floor: a dashed reference line (e.g. the
-    random-init encoder's score)."""
+    """groups: {label: (mean, std)} -> bars with +-std whiskers; floor: a dashed reference line
+    (e.g. the random-init encoder's score)."""
     img = Image.new("RGB", (W, H), "white")
     draw = ImageDraw.Draw(img)
     tops = [m + s for m, s in groups.values()] + ([floor] if floor is not None else [])
@@ -177,8 +186,8 @@ def bar_chart(groups, title, ylabel="top-1 %", floor=None):
 
 
 def scatter(points, labels, names, title):
-    """points (N, 2), labels (N,) ints, names: one per class -> a 2-D map coloured by class, the legend to its
-    right."""
+    """points (N, 2), labels (N,) ints, names: one per class -> a 2-D map coloured by class, the
+    legend to its right."""
     img = Image.new("RGB", (W + 130, H), "white")
     draw = ImageDraw.Draw(img)
     xs, ys = points[:, 0].tolist(), points[:, 1].tolist()
@@ -206,7 +215,8 @@ def save_png(img, path):
 
 
 def read_log(run_dir):
-    """log.jsonl's records; a line that does not parse (cut by a kill or a full disk) is left out."""
+    """log.jsonl's records; a line that does not parse (cut by a kill or a full disk) is left
+    out."""
     records = []
     path = os.path.join(run_dir, "log.jsonl")
     if os.path.isfile(path):
@@ -222,18 +232,22 @@ def read_log(run_dir):
 
 
 def training_curves(run_dirs, names=None):
-    """One panel per logged quantity (every loss term by name, then lr, grad norm, images/s, MFU), each run a
-    line. Returns the sheet (PIL image), or None when no run has a record."""
-    logs = {name: read_log(d) for name, d in zip(names or [os.path.basename(os.path.normpath(d)) or d
-                                                            for d in run_dirs], run_dirs)}
+    """One panel per logged quantity (every loss term by name, then lr, grad norm, images/s, MFU),
+    each run a line. Returns the sheet (PIL image), or None when no run has a record."""
+    logs = {name: read_log(d)
+            for name, d in zip(names or [os.path.basename(os.path.normpath(d)) or d
+                                         for d in run_dirs], run_dirs)}
     keys = []
     for recs in logs.values():
         for r in recs:
-            keys += [k for k, v in r.items() if k != "step" and isinstance(v, (int, float)) and k not in keys]
+            keys += [k for k, v in r.items()
+                     if k != "step" and isinstance(v, (int, float)) and k not in keys]
     if not keys:
         return None
-    order = sorted(keys, key=lambda k: (k != "loss", not k.endswith("loss"), k))  # the loss terms first
-    panels = [line_chart({n: [(r["step"], r[k]) for r in recs if k in r] for n, recs in logs.items()}, k,
+    # the loss terms first
+    order = sorted(keys, key=lambda k: (k != "loss", not k.endswith("loss"), k))
+    panels = [line_chart({n: [(r["step"], r[k]) for r in recs if k in r]
+                          for n, recs in logs.items()}, k,
                          ylabel=k, log_y=k in ("lr", "grad_norm") or k.endswith("loss"))
               for k in order]
     return grid(panels, cols=min(3, len(panels)), title=", ".join(logs) + ": log.jsonl, by step")
@@ -244,9 +258,9 @@ def training_curves(run_dirs, names=None):
 
 
 def tsne(x, perplexity=30.0, iters=500, seed=0):
-    """x (N, D) -> (N, 2). Exact: binary search of each point's bandwidth to the perplexity, symmetric P,
-    Student-t Q, gradient descent with momentum and early exaggeration (x12 for the first 250 steps).
-    O(N^2) memory and time per step: keep N to a few thousand."""
+    """x (N, D) -> (N, 2). Exact: binary search of each point's bandwidth to the perplexity,
+    symmetric P, Student-t Q, gradient descent with momentum and early exaggeration (x12 for the
+    first 250 steps). O(N^2) memory and time per step: keep N to a few thousand."""
     g = torch.Generator().manual_seed(seed)
     x = x.double()  # the bandwidth search in float64; the descent in float32
     n = len(x)
@@ -256,7 +270,8 @@ def tsne(x, perplexity=30.0, iters=500, seed=0):
     lo, hi = torch.full_like(beta, 0.0), torch.full_like(beta, float("inf"))
     eye = torch.eye(n, dtype=torch.bool)
     for _ in range(64):  # bisect each row's precision until its entropy is log(perplexity)
-        p = torch.exp(-(d - d.masked_fill(eye, float("inf")).min(1, keepdim=True).values) * beta[:, None])
+        p = torch.exp(-(d - d.masked_fill(eye, float("inf")).min(1, keepdim=True).values)
+                      * beta[:, None])
         p = p.masked_fill(eye, 0.0)
         p = p / p.sum(1, keepdim=True)
         entropy = -(p * torch.log(p.clamp_min(1e-300))).sum(1)
@@ -281,8 +296,9 @@ def tsne(x, perplexity=30.0, iters=500, seed=0):
 
 @torch.no_grad()
 def folder_features(ckpt_path, folder, size=1000, seed=0, batch_size=256):
-    """(CLS features (n, D), labels (n,), class names) of a checkpoint's frozen encoder on up to `size` images
-    of an ImageFolder, the same classes' share each (a seeded pick), the evaluation view (resize, centre)."""
+    """(CLS features (n, D), labels (n,), class names) of a checkpoint's frozen encoder on up to
+    `size` images of an ImageFolder, the same classes' share each (a seeded pick), the evaluation
+    view (resize, centre)."""
     import checkpoint
     import data
 
@@ -292,8 +308,9 @@ def folder_features(ckpt_path, folder, size=1000, seed=0, batch_size=256):
     labels = torch.tensor([source[i]["label"] for i in range(len(source))])
     g = torch.Generator().manual_seed(seed)
     per_class = max(1, size // len(source.classes))
-    pick = torch.cat([(labels == c).nonzero().squeeze(1)[torch.randperm(int((labels == c).sum()), generator=g)]
-                      [:per_class] for c in range(len(source.classes))])
+    pick = torch.cat([(labels == c).nonzero().squeeze(1)
+                      [torch.randperm(int((labels == c).sum()), generator=g)][:per_class]
+                      for c in range(len(source.classes))])
     mean, std = checkpoint.checkpoint_norm(ckpt, real_data_default=True)
     dataset = data.LabelledDataset(source, data.EvalTransform(model.config.image_size, mean, std))
     feats, kept = [], []
@@ -309,15 +326,16 @@ def folder_features(ckpt_path, folder, size=1000, seed=0, batch_size=256):
 
 
 def tsne_figure(ckpts, test_dir, size=1000, seed=0):
-    """The frozen CLS features of each checkpoint on the same `size` images of an ImageFolder, mapped by tsne,
-    side by side."""
+    """The frozen CLS features of each checkpoint on the same `size` images of an ImageFolder,
+    mapped by tsne, side by side."""
     panels = []
     for path in ckpts:
         feats, labels, classes = folder_features(path, test_dir, size, seed)
         name = os.path.basename(os.path.dirname(os.path.abspath(path)))
-        panels.append(scatter(tsne(feats, seed=seed), labels, classes, f"{name}: t-SNE of frozen CLS"))
-    return grid(panels, cols=len(panels), title=f"frozen features on {test_dir} ({len(labels)} images), "
-                                                  "coloured by class")
+        panels.append(scatter(tsne(feats, seed=seed), labels, classes,
+                              f"{name}: t-SNE of frozen CLS"))
+    return grid(panels, cols=len(panels),
+                title=f"frozen features on {test_dir} ({len(labels)} images), coloured by class")
 
 
 def main(argv=None):
@@ -328,10 +346,14 @@ def main(argv=None):
     c = sub.add_parser("curves", help="training curves of one or more runs, overlaid")
     c.add_argument("runs", nargs="+", help="run folders (each with a log.jsonl)")
     c.add_argument("--out", default="curves.png", help="the PNG to write")
-    t = sub.add_parser("tsne", help="t-SNE maps of frozen features, one per checkpoint, side by side")
-    t.add_argument("--ckpt", action="append", required=True, help="a checkpoint (repeat for several)")
-    t.add_argument("--test-dir", required=True, help="an ImageFolder root (one sub-folder per class)")
-    t.add_argument("--size", type=int, default=1000, help="images (stratified by class), at most ~3000")
+    t = sub.add_parser("tsne",
+                       help="t-SNE maps of frozen features, one per checkpoint, side by side")
+    t.add_argument("--ckpt", action="append", required=True,
+                   help="a checkpoint (repeat for several)")
+    t.add_argument("--test-dir", required=True,
+                   help="an ImageFolder root (one sub-folder per class)")
+    t.add_argument("--size", type=int, default=1000,
+                   help="images (stratified by class), at most ~3000")
     t.add_argument("--seed", type=int, default=0, help="which images, and the map's initialisation")
     t.add_argument("--out", default="tsne.png", help="the PNG to write")
     args = p.parse_args(argv)
@@ -344,7 +366,8 @@ def main(argv=None):
             p.error("argument runs: the logs hold no record yet")
     else:
         if not 10 <= args.size <= 3000:
-            p.error(f"argument --size: {args.size} must be in [10, 3000] (exact t-SNE is quadratic)")
+            p.error(f"argument --size: {args.size} must be in [10, 3000] (exact t-SNE is "
+                    "quadratic)")
         try:
             sheet = tsne_figure(args.ckpt, args.test_dir, args.size, args.seed)
         except ValueError as e:
@@ -373,12 +396,13 @@ def confusion_matrix(counts, names, title):
     img = Image.new("RGB", (left + C * cell + right, top + C * cell + 12), "white")
     draw = ImageDraw.Draw(img)
     draw.text((8, 8), title, fill=(0, 0, 0), font=font(14))
-    draw.text((8, 28), "row: true class, column: predicted; shade: share of the row", fill=(90, 90, 90),
-              font=font(11))
+    draw.text((8, 28), "row: true class, column: predicted; shade: share of the row",
+              fill=(90, 90, 90), font=font(11))
     rows = counts.sum(1).clamp(min=1)
     small = font(max(8, min(12, cell // 3)))
     for j in range(C):
-        draw.text((left + j * cell + cell // 2 - 4, top - 14), str(j), fill=(60, 60, 60), font=small)
+        draw.text((left + j * cell + cell // 2 - 4, top - 14), str(j), fill=(60, 60, 60),
+                  font=small)
     for i in range(C):
         y = top + i * cell
         draw.text((4, y + cell // 2 - 7), f"{i} {names[i]}"[:22], fill=(0, 0, 0), font=font(12))
@@ -391,5 +415,6 @@ def confusion_matrix(counts, names, title):
                 draw.text((box[0] + 2, box[1] + cell // 2 - 6), str(counts[i, j].item()),
                           fill=(255, 255, 255) if share > 0.5 else (0, 0, 0), font=small)
         acc = 100.0 * counts[i, i].item() / rows[i].item()
-        draw.text((left + C * cell + 6, y + cell // 2 - 7), f"{acc:.0f}%", fill=(0, 0, 0), font=font(12))
+        draw.text((left + C * cell + 6, y + cell // 2 - 7), f"{acc:.0f}%", fill=(0, 0, 0),
+                  font=font(12))
     return img
