@@ -80,8 +80,12 @@ def claim(out_dir, overwrite=False, inputs=()):
     project's temp files of killed runs, and with --overwrite delete the previous run's files,
     except any of `inputs` (paths the user passed in). Returns the open lock file: keep it alive for
     the whole run."""
-    os.makedirs(out_dir, exist_ok=True)
-    lock = open(os.path.join(out_dir, LOCK), "a+")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        lock = open(os.path.join(out_dir, LOCK), "a+")
+    except OSError as e:  # e.g. a read-only or virtual file system that os.access could not tell
+        raise RunDirError(f"--out-dir {out_dir} cannot be made or written: {e.strerror or e}") \
+            from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

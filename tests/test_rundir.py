@@ -88,7 +88,8 @@ def test_overwrite_checks_every_input_first_and_spares_the_users_files(tmp_path,
     assert ckpt["tokenizer"]["kind"] == "wordpiece" and step(tmp_path / "r") == 1
 
 
-@pytest.mark.parametrize("case", ["file", "read_only", "train_size", "steps_below", "resume_overwrite"])
+@pytest.mark.parametrize("case", ["file", "read_only", "unwritable_fs", "train_size", "steps_below",
+                                  "resume_overwrite"])
 def test_bad_out_dirs_and_sizes_are_one_line_before_any_write(tmp_path, capsys, case):
     out = tmp_path / "out"
     if case == "file":
@@ -104,6 +105,9 @@ def test_bad_out_dirs_and_sizes_are_one_line_before_any_write(tmp_path, capsys, 
         finally:
             tmp_path.chmod(0o700)
         return
+    if case == "unwritable_fs":  # a folder even root cannot make (here, in /proc): one line, not a traceback
+        assert "--out-dir /proc/m3ae_test cannot be made or written" in refused(capsys, "/proc/m3ae_test")
+        return
     if case == "train_size":
         assert "--batch-size: 16 is more than the 1 samples" in refused(capsys, out, "--train-size", "1")
         assert not out.exists()
@@ -115,6 +119,16 @@ def test_bad_out_dirs_and_sizes_are_one_line_before_any_write(tmp_path, capsys, 
     else:
         assert "--overwrite: not with --resume" in refused(capsys, out, "--resume", "--overwrite")
     assert listing(out) == before
+
+
+def test_overwrite_may_start_from_the_runs_own_checkpoint(tmp_path):
+    """--init-from OUT_DIR/ckpt.pt with --overwrite: read before anything is deleted (it was deleted first,
+    then 'No such file')."""
+    run(tmp_path, "--steps", "2")
+    train.main(SMALL[2:] + ["--out-dir", str(tmp_path), "--steps", "1", "--overwrite", "--init-from",
+                            str(tmp_path / "ckpt.pt")])  # SMALL without --preset: the init's architecture
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 1 and ckpt["args"]["init_from"] == str(tmp_path / "ckpt.pt")
 
 
 def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path, capsys):
