@@ -180,6 +180,9 @@ class DiskFull(OSError):
     """No space left while writing; the message is one line naming the folder and what is as it
     was."""
 
+    def __str__(self):
+        return self.strerror  # the sentence itself, without "[Errno 28]"
+
 
 def disk_full(e, folder):
     """Whether exception `e` means the disk of `folder` is full: ENOSPC on it or on its cause
