@@ -377,14 +377,6 @@ def main(argv=None):
     return args.out
 
 
-if __name__ == "__main__":
-    main()
-
-
-# -----------------------------------------------------------------------------
-# a confusion matrix (zeroshot.py draws one beside its JSON)
-
-
 def confusion_matrix(counts, names, title):
     """counts: (C, C) ints, row = true class, column = predicted -> a PIL image: each cell shaded by
     its share of the row (white 0, dark blue 1), its count written in it, the diagonal outlined;
@@ -418,3 +410,11 @@ def confusion_matrix(counts, names, title):
         draw.text((left + C * cell + 6, y + cell // 2 - 7), f"{acc:.0f}%", fill=(0, 0, 0),
                   font=font(12))
     return img
+
+
+if __name__ == "__main__":
+    main()
+
+
+# -----------------------------------------------------------------------------
+# a confusion matrix (zeroshot.py draws one beside its JSON)
