@@ -377,6 +377,10 @@ def main(argv=None):
     return args.out
 
 
+# -----------------------------------------------------------------------------
+# a confusion matrix (zeroshot.py draws one beside its JSON)
+
+
 def confusion_matrix(counts, names, title):
     """counts: (C, C) ints, row = true class, column = predicted -> a PIL image: each cell shaded by
     its share of the row (white 0, dark blue 1), its count written in it, the diagonal outlined;
@@ -414,7 +418,3 @@ def confusion_matrix(counts, names, title):
 
 if __name__ == "__main__":
     main()
-
-
-# -----------------------------------------------------------------------------
-# a confusion matrix (zeroshot.py draws one beside its JSON)
