@@ -42,7 +42,7 @@ def class_folders(root, classes, n=4, size=16):
     return root
 
 
-# --- the recipe's pieces ---------------------------------------------------------------------------
+# --- the recipe's pieces --------------------------------------------------------------------------
 
 
 def test_layer_decay_groups_follow_maes_formula():
@@ -70,7 +70,8 @@ def test_layer_decay_groups_follow_maes_formula():
     assert seen == trained  # every trained parameter in exactly one group ...
     assert sum(len(g["params"]) for g in groups) == len(trained)
     # ... and only the image encoder and the head train (global pool: not the encoder's final norm)
-    assert not any(n.startswith(("m3ae.decoder", "m3ae.text_", "m3ae.encoder.norm")) for n in trained)
+    frozen = ("m3ae.decoder", "m3ae.text_", "m3ae.encoder.norm")
+    assert not any(n.startswith(frozen) for n in trained)
     assert {"head.weight", "fc_norm.weight", "m3ae.patch_embed.weight", "m3ae.cls_token"} <= trained
     scales = {g["layer_id"]: g["lr_scale"] for g in groups}
     assert scales[depth + 1] == 1.0 and scales[0] == pytest.approx(decay ** (depth + 1))
@@ -175,7 +176,7 @@ def test_the_feature_global_pool_is_maes_mean_before_the_final_norm():
         assert torch.allclose(cls_net(images), cls_net.head(cls), atol=1e-5)  # probe.py's feature
 
 
-# --- the script ------------------------------------------------------------------------------------
+# --- the script ----------------------------------------------------------------------------------
 
 
 def run(argv, tmp_path, name):
