@@ -488,7 +488,7 @@ def evaluate(net, dataset, env, batch_size, workers):
     n = int(counts[2].item())
     if n == 0:
         return None, None, 0, dict(skipped.counts)
-    top5 = 100.0 * counts[1].item() / n if logits.size(1) > 5 else None
+    top5 = 100.0 * counts[1].item() / n if net.head.out_features > 5 else None
     return 100.0 * counts[0].item() / n, top5, n, dict(skipped.counts)
 
 
