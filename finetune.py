@@ -564,11 +564,12 @@ def loop(t, splits, env, args, num_classes, extra):
         if t.batch_in_epoch >= per_epoch:  # the epoch is whole: score val, then save
             t.epoch, t.batch_in_epoch = t.epoch + 1, 0
             if val is not None:
+                t_val = time.perf_counter()
                 top1, _, n, _ = evaluate(t.model, val, env, args.batch_size_features, args.workers)
                 if env.master and n:
                     rundir.append_log(log, dict(step=t.step, val_top1=top1))
                     bar.set_postfix(val_top1=f"{top1:.2f}")
-                t_last = time.perf_counter()  # images/s: of training alone
+                t_last += time.perf_counter() - t_val  # images/s: of training alone
         if t.batch_in_epoch == 0 or t.step == args.stop_after:
             save(t, env, args, extra)
         if t.step == args.stop_after:
