@@ -50,7 +50,18 @@ def ticks(lo, hi, n=5):
 
 
 def label(v):
+    if float(v).is_integer() and abs(v) < 1e6:
+        return str(int(v))
     return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.2g}"
+
+
+def log_ticks(lo, hi):
+    """Tick values 1, 2, 5 x 10^k inside [10^lo, 10^hi] (lo, hi: log10 bounds); their log10."""
+    found = [math.log10(m * 10.0**k) for k in range(math.floor(lo) - 1, math.ceil(hi) + 1)
+             for m in (1, 2, 5) if lo <= math.log10(m * 10.0**k) <= hi]
+    if len(found) > 6:  # a wide range: the powers of ten alone
+        found = [t for t in found if float(t).is_integer()] or found
+    return found if len(found) >= 2 else ticks(lo, hi)
 
 
 def axes(draw, title, xlabel, ylabel, x_range, y_range, log_y=False, xticks=True):
@@ -80,7 +91,7 @@ def axes(draw, title, xlabel, ylabel, x_range, y_range, log_y=False, xticks=True
         px = at(t, 10 ** y0 if log_y else y0)[0]
         draw.line([px, bottom, px, bottom + 4], fill=(90, 90, 90))
         draw.text((px - 10, bottom + 6), label(t), fill=(60, 60, 60), font=font(11))
-    for t in ticks(y0, y1):
+    for t in (log_ticks(y0, y1) if log_y else ticks(y0, y1)):
         py = bottom - (t - y0) / (y1 - y0) * (bottom - top)
         draw.line([left - 4, py, left, py], fill=(90, 90, 90))
         draw.line([left, py, right, py], fill=(235, 235, 235))
