@@ -22,7 +22,8 @@ Recipe (mae's ViT-B defaults; each a flag; docs/finetune.md):
   * evaluation: the centre view (probe.py's: evalcommon), top-1 (and top-5 with more than 5
     classes) of the last epoch's weights on --test-dir; the validation split (--val-fraction of the
     training images, stratified, or --val-dir) is scored each epoch, for the log; nothing is chosen
-    on test.
+    on test. Small data at CPU scale (32 px, a few hundred steps): see docs/finetune.md (a larger
+    --blr, --crop-pct 1, a lighter augmentation measured better there).
 Folders, splits, the normalisation and every bad input as probe.py (evalcommon.py): one line, exit
 2.
 
