@@ -78,17 +78,18 @@ class Run:
     no_text: bool = knob(False, "MAE baseline: image-only mode; no captions read, no tokenizer")
     init_from: str = knob(None, "start from these weights (train.py's or convert.py's checkpoint): "
                           "its architecture and, unless --tokenizer is given, its tokenizer and "
-                          "normalisation", type=str, resume=ONCE)
+                          "normalisation", type=str, resume=ONCE, path="file")
     # data: the source follows from --csv / --wds-shards; neither: the built-in demo set
     data: str = knob(None, "data source (default: csv with --csv, wds with --wds-shards, else "
                      "builtin)", type=str, choices=("builtin", "csv", "wds"))
-    csv: str = knob(None, "CSV/TSV of image paths (relative to the file) and captions", type=str)
+    csv: str = knob(None, "CSV/TSV of image paths (relative to the file) and captions", type=str,
+                    path="file")
     csv_img_key: str = knob(None, "--csv: the image path column (default: the first of filepath, "
-                            "image, image_path, path, file, filename)", type=str)
+                            "image, image_path, path, file, filename)", type=str, needs="csv")
     csv_caption_key: str = knob(None, "--csv: the caption column (default: caption, text or title)",
-                                type=str)
+                                type=str, needs="csv")
     csv_separator: str = knob(None, "--csv: field separator (default: tab for .tsv, comma for "
-                              ".csv, else sniffed)", type=str)
+                              ".csv, else sniffed)", type=str, needs="csv")
     wds_shards: str = knob(None, "webdataset .tar shards as img2dataset writes them: "
                            "'dir/{00000..00099}.tar', a glob, or a comma-separated list", type=str)
     wds_image_key: str = knob("jpg;jpeg;png;webp", "--wds-shards: image member extensions, first "
@@ -98,9 +99,9 @@ class Run:
     epoch_samples: int = knob(None, "--wds-shards: samples per epoch (a stream has no length)",
                               at_least(1, 10**12), type=int)
     text_file: str = knob(None, "extra unpaired captions, one per line (text-only samples)",
-                          type=str)
+                          type=str, path="file")
     image_dir: str = knob(None, "extra unpaired images, a folder read recursively (image-only "
-                          "samples)", type=str)
+                          "samples)", type=str, path="folder")
     paired_share: float = knob(1.0, "fraction of pairs kept paired; the rest: half images only, "
                                "half texts only", fraction(high_open=False))
     data_seed: int = knob(0, "built-in data: which procedural dataset (kept fixed across --seed)",
@@ -108,7 +109,7 @@ class Run:
     data_level: str = knob("easy", "built-in data: difficulty", choices=tuple(builtin.LEVELS))
     train_size: int = knob(20000, "built-in data: pretraining pairs", at_least(1, 10**8))
     tokenizer: str = knob(None, "tokenizer file: sentencepiece .model or BERT vocab.txt (default: "
-                          "trained on the run's captions)", type=str)
+                          "trained on the run's captions)", type=str, path="file")
     vocab_size: int = knob(1024, "vocabulary when training a tokenizer", at_least(8, 262144))
     tokenizer_captions: int = knob(MAX_TOKENIZER_CAPTIONS, "a tokenizer is trained on at most this "
                                    "many captions", at_least(1, 10**8))
@@ -163,7 +164,7 @@ class Run:
     bench_steps: int = knob(20, "--bench: timed steps (after 3 warm-up steps)", at_least(1),
                             resume=ONCE)
     profile: bool = knob(False, "--bench: then profile a few steps by op class (torch.profiler)",
-                         resume=ONCE)
+                         resume=ONCE, needs="bench")
 
     def __post_init__(self):
         check_fields(self)
@@ -281,8 +282,6 @@ def check_run(p, run, config):
                 f"px per micro-batch) needs ~{loader_bytes >> 30} GiB of loader memory, over half "
                 f"of this machine's {memory >> 30} GiB: use --grad-accum, more ranks or a smaller "
                 f"batch")
-    if run.profile and not run.bench:
-        p.error("argument --profile: only with --bench")
     if run.stop_after is not None and run.stop_after > run.steps:
         p.error(f"argument --stop-after: {run.stop_after} is past --steps {run.steps}")
     if run.device.startswith("cuda") and not torch.cuda.is_available():
@@ -305,9 +304,6 @@ def check_run(p, run, config):
         need = {"csv": "--csv FILE", "wds": "--wds-shards PATTERN",
                 "builtin": "neither --csv nor --wds-shards"}
         p.error(f"argument --data: {run.data!r} needs {need[run.data]}")
-    for f in ("csv_img_key", "csv_caption_key", "csv_separator"):
-        if getattr(run, f) is not None and inferred != "csv":
-            p.error(f"argument {flag_name(f)}: only with --csv")
     if (inferred == "wds") != (run.epoch_samples is not None):
         p.error("argument --epoch-samples: needed with --wds-shards (a stream has no length), "
                 "and only with it")
@@ -324,12 +320,6 @@ def check_run(p, run, config):
     if inferred == "wds" and run.epoch_samples < run.batch_size:
         p.error(f"argument --epoch-samples: {run.epoch_samples} is less than one --batch-size "
                 f"{run.batch_size}")
-    for flag, path, kind in (("init-from", run.init_from, "file"), ("csv", run.csv, "file"),
-                             ("text-file", run.text_file, "file"),
-                             ("tokenizer", run.tokenizer, "file"),
-                             ("image-dir", run.image_dir, "folder")):
-        if path and not (os.path.isfile(path) if kind == "file" else os.path.isdir(path)):
-            p.error(f"argument --{flag}: {path!r} is not a {kind}")
     if not run.bench:
         try:
             rundir.check_out_dir(run.out_dir, run.resume, run.overwrite)

@@ -11,6 +11,7 @@ follow from it (add_flags, check_fields, resume_rule). No script keeps a list of
 import argparse
 import dataclasses
 import math
+import os
 
 import torch
 
@@ -95,15 +96,17 @@ RESUME_RULES = ("fixed", "free", "invocation")
 
 
 def knob(default, help=None, valid=None, *, choices=None, type=None, aliases=(), resume="fixed",
-         shape=False):
+         shape=False, path=None, needs=None):
     """A dataclass field that declares a setting. help=None: no flag (the program sets it, e.g.
     vocab_size from the tokenizer). valid: (predicate, "what is valid"), e.g. at_least(1). type: the
     flag's type when the default is None. aliases: older flag names that still work. shape: the
-    weights' shapes depend on it (so it comes from --init-from's checkpoint, never from a flag)."""
+    weights' shapes depend on it (so it comes from --init-from's checkpoint, never from a flag).
+    path: "file" or "folder" that must exist when given. needs: the field that must be set too
+    (e.g. --csv-img-key only with --csv)."""
     assert resume in RESUME_RULES, resume
     return dataclasses.field(default=default, metadata=dict(
         help=help, valid=valid, choices=choices, type=type, aliases=aliases, resume=resume,
-        shape=shape))
+        shape=shape, path=path, needs=needs))
 
 
 def at_least(low, high=None):
@@ -135,6 +138,10 @@ def check_fields(obj):
                              f"{', '.join(m['choices'])}")
         if m["valid"] and not (isinstance(value, (int, float)) and m["valid"][0](value)):
             raise ValueError(f"argument {flag_name(f.name)}: {value!r} {m['valid'][1]}")
+        if m.get("path") and not (os.path.isfile if m["path"] == "file" else os.path.isdir)(value):
+            raise ValueError(f"argument {flag_name(f.name)}: {value!r} is not a {m['path']}")
+        if m.get("needs") and value is not False and not getattr(obj, m["needs"]):
+            raise ValueError(f"argument {flag_name(f.name)}: only with {flag_name(m['needs'])}")
 
 
 def add_flags(parser, cls, unset=False, note=None):

@@ -256,7 +256,7 @@ def test_save_refuses_non_finite_state(tmp_path):
     (["--image-size", "30"], "--image-size: 30 is not a multiple of --patch-size 8"),
     (["--image-size", "28"], "(patch sizes that divide it: [2, 4, 7, 14])"),
     (["--data", "wds"], "--data: 'wds' needs --wds-shards PATTERN"),
-    (["--data", "builtin", "--csv", "x.csv"], "--data: 'builtin' needs neither --csv nor --wds-shards"),
+    (["--data", "builtin", "--csv", __file__], "--data: 'builtin' needs neither --csv nor --wds-shards"),
     (["--csv", "nope.csv"], "--csv: 'nope.csv' is not a file"),
     (["--wds-shards", "nope-{0..3}.tar", "--epoch-samples", "8"], "--wds-shards: 'nope-{0..3}.tar'"),
     (["--wds-shards", "x.tar"], "--epoch-samples: needed with --wds-shards"),
