@@ -7,14 +7,17 @@ import shlex
 
 import pytest
 
+import finetune
 import ood
 import probe
 import train
 import viz
+import zeroshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARSERS = {"train.py": train.build_parser, "probe.py": probe.build_parser, "ood.py": ood.build_parser,
-           "viz.py": viz.build_parser}
+           "viz.py": viz.build_parser, "finetune.py": finetune.build_parser,
+           "zeroshot.py": zeroshot.build_parser}
 
 
 def readme_commands():
