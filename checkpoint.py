@@ -15,7 +15,6 @@ Writing (save_checkpoint): never with a NaN or an infinity; a temp file only thi
 ckpt_prev.pt.
 """
 
-import errno
 import os
 import shutil
 from dataclasses import asdict, fields
@@ -26,11 +25,9 @@ import builtin
 import data
 from model import M3AE, M3AEConfig
 from tokenizer import load_tokenizer, tokenizer_from_bytes
+from util import tmp_path, write_atomic
 
 CKPT, PREV = "ckpt.pt", "ckpt_prev.pt"
-# Every temp file this project writes is "<final name>.m3ae-tmp.<pid>": a name no user file has, so
-# that removing a killed run's temp files can never touch anything else (tmp_path, is_our_tmp).
-TMP_MARK = ".m3ae-tmp."
 NORMS = {"builtin": (builtin.BUILTIN_MEAN, builtin.BUILTIN_STD),
          "cc12m": (data.CC12M_MEAN, data.CC12M_STD),
          "imagenet": (data.IMAGENET_MEAN, data.IMAGENET_STD)}
@@ -38,16 +35,6 @@ NORMS = {"builtin": (builtin.BUILTIN_MEAN, builtin.BUILTIN_STD),
 
 class CheckpointError(ValueError):
     """A file that is not a usable checkpoint; the message is one line naming it."""
-
-
-def tmp_path(path):
-    return f"{path}{TMP_MARK}{os.getpid()}"
-
-
-def is_our_tmp(name):
-    """True for a file name tmp_path makes: <name>.m3ae-tmp.<digits>."""
-    head, mark, pid = name.rpartition(TMP_MARK)
-    return bool(head and mark and pid.isdigit())
 
 
 # -----------------------------------------------------------------------------
@@ -176,59 +163,6 @@ def checkpoint_tokenizer(ckpt, ckpt_path=None, override=None):
 # writing: temp file, fsync, replace; never a NaN; a full disk said in words
 
 
-class DiskFull(OSError):
-    """No space left while writing; the message is one line naming the folder and what is as it
-    was."""
-
-    def __str__(self):
-        return self.strerror  # the sentence itself, without "[Errno 28]"
-
-
-def disk_full(e, folder):
-    """Whether exception `e` means the disk of `folder` is full: ENOSPC on it or on its cause
-    (torch's writer raises a RuntimeError without errno), or an OSError / RuntimeError with under 1
-    MiB left. Measure it before the failed temp file is removed, or the free space it held hides the
-    cause."""
-    for x in (e, e.__cause__, e.__context__):
-        if getattr(x, "errno", None) == errno.ENOSPC:
-            return True
-    return isinstance(e, (OSError, RuntimeError)) and shutil.disk_usage(folder).free < (1 << 20)
-
-
-def write_tmp(path, write, mode="wb"):
-    """Write through write(file) into path's temp file, fsync it; returns the temp file's path. On
-    any failure the temp file is removed, and a full disk raises DiskFull."""
-    tmp = tmp_path(path)
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        return tmp
-    except BaseException as e:
-        folder = os.path.dirname(os.path.abspath(path))
-        full = isinstance(e, Exception) and disk_full(e, folder)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if full:
-            raise DiskFull(errno.ENOSPC, f"no space left on the device of {folder} while writing "
-                           f"{os.path.basename(path)} ({shutil.disk_usage(folder).free >> 20} MiB "
-                           "free); the file is as it was: free space, then run the command again "
-                           "(train.py: with --resume)") from e
-        raise
-
-
-def write_atomic(path, write, mode="wb"):
-    """write_tmp, then os.replace: a crash or a full disk leaves the old file as it was, no temp
-    file behind."""
-    os.replace(write_tmp(path, write, mode), path)
-
-
-def save_atomic(obj, path):
-    """torch.save through write_atomic."""
-    write_atomic(path, lambda f: torch.save(obj, f))
-
-
 def nonfinite(tensors):
     """Names of the floating tensors in a (nested) dict / list that hold a NaN or an infinity."""
     bad = []
@@ -267,16 +201,17 @@ def save_checkpoint(ckpt, out_dir):
                 != ckpt.get("step")):
             raise OSError(f"{f.name} did not read back as written")
 
-    tmp = write_tmp(path, write)
-    if os.path.exists(path):
-        prev = os.path.join(out_dir, PREV)
-        prev_tmp = tmp_path(prev)
-        try:
-            os.link(path, prev_tmp)
-        except OSError:  # a file system without hard links
-            shutil.copyfile(path, prev_tmp)
-        os.replace(prev_tmp, prev)
-    os.replace(tmp, path)
+    def keep_previous():  # ckpt.pt -> ckpt_prev.pt by a hard link: ckpt.pt never goes missing
+        if os.path.exists(path):
+            prev = os.path.join(out_dir, PREV)
+            prev_tmp = tmp_path(prev)
+            try:
+                os.link(path, prev_tmp)
+            except OSError:  # a file system without hard links
+                shutil.copyfile(path, prev_tmp)
+            os.replace(prev_tmp, prev)
+
+    write_atomic(path, write, before_replace=keep_previous)
 
 
 def set_aside(path):

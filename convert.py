@@ -38,7 +38,6 @@ import math
 import os
 import pickle
 import re
-import errno
 import sys
 import warnings
 import zipfile
@@ -47,8 +46,8 @@ import numpy as np
 import torch
 
 from data import CC12M_MEAN, CC12M_STD, IMAGENET_MEAN, IMAGENET_STD
-from tokenizer import TMP_MARK, load_tokenizer
-from util import HelpFormatter, make_parser
+from tokenizer import load_tokenizer
+from util import DiskFull, HelpFormatter, make_parser, write_atomic
 
 
 class ConversionError(ValueError):
@@ -1006,23 +1005,14 @@ def write_output(out_path, write):
     makes), then os.replace: an interrupted or failed conversion never leaves a partial output, nor
     an old one half overwritten. The temp file is removed on any failure; an OSError becomes a
     ConversionError naming the output (a full disk says so)."""
-    folder = os.path.dirname(os.path.abspath(out_path))
-    tmp = f"{out_path}{TMP_MARK}{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out_path)
-    except BaseException as e:  # KeyboardInterrupt too: never leave the temp file behind
-        if os.path.lexists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            raise ConversionError(f"no space left on the device of {folder} while writing "
-                                  f"{out_path}; nothing written") from None
-        if isinstance(e, OSError):
-            raise ConversionError(f"cannot write {out_path} ({e.strerror or e})") from None
-        raise
+        write_atomic(out_path, write)
+    except DiskFull:
+        raise ConversionError(f"no space left on the device of "
+                              f"{os.path.dirname(os.path.abspath(out_path))} while writing "
+                              f"{out_path}; nothing written") from None
+    except OSError as e:
+        raise ConversionError(f"cannot write {out_path} ({e.strerror or e})") from None
 
 
 def check_out(out_path, inputs):

@@ -22,25 +22,32 @@ import builtin
 import data
 import rundir
 from checkpoint import (NORMS, CheckpointError, checkpoint_data_level, checkpoint_data_seed,
-                        checkpoint_norm, load_model, write_atomic)
+                        checkpoint_norm, load_model)
 from model import M3AE, PRESETS, make_config
-from util import mix_seed
+from util import mix_seed, write_atomic
 
 # -----------------------------------------------------------------------------
 # flags (probe.py adds the head's), each checked before any work
 
 
-def add_encoder_args(p):
+ENCODER_CKPT_HELP = "checkpoint file from train.py or convert.py (a dict with 'model' and 'config')"
+
+
+def add_encoder_args(p, verb="evaluate", ckpt=ENCODER_CKPT_HELP,
+                     seeded="head init, shuffling, the validation split", features=True):
+    """The encoder's flags: which checkpoint (or a random-init one), the seed, the device; with
+    features=True also how features are extracted and cached, and where the JSON goes (probe.py,
+    ood.py; finetune.py says its own). verb, ckpt, seeded: the script's words in the help."""
     a = p.add_argument
-    a("--ckpt", help="checkpoint file from train.py or convert.py (a dict with 'model' and "
-      "'config'); if not given, --random-init with --preset's architecture")
-    a("--random-init", action="store_true", help="evaluate an untrained encoder (the floor): the "
+    a("--ckpt", help=f"{ckpt}; if not given, --random-init with --preset's architecture")
+    a("--random-init", action="store_true", help=f"{verb} an untrained encoder (the floor): the "
       "checkpoint's architecture (or --preset's) with fresh weights drawn from --seed")
     a("--preset", default="tiny", choices=list(PRESETS), help="architecture for --random-init "
       "without --ckpt")
-    a("--seed", type=int, default=0, help="head init, shuffling, the validation split (and the "
-      "weights under --random-init)")
+    a("--seed", type=int, default=0, help=f"{seeded} (and the weights under --random-init)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    if not features:
+        return
     a("--batch-size-features", type=int, default=256, help="images per encoder forward when "
       "extracting")
     a("--workers", type=int, default=0, help="DataLoader workers")
@@ -237,7 +244,7 @@ def result_name(prefix, d, mode=None, recipe="grid"):
 
 
 def write_output(path, write, mode="wb", folder=None):
-    """checkpoint.write_atomic (a failure, a full disk included, leaves the old file and no temp
+    """util.write_atomic (a failure, a full disk included, leaves the old file and no temp
     file; DiskFull says so in one line), then the path listed in FOLDER/outputs.txt when it lies
     inside FOLDER (the checkpoint's), so that train.py --overwrite removes it with the run."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -55,14 +55,14 @@ import checkpoint
 import data
 import rundir
 from checkpoint import CheckpointError, pretraining_info
-from evalcommon import (add_data_args, check_paths, die, eval_data, fail, folder_name,
-                        labelled_source, load_encoder, need_classes, out_path_for, result_name,
-                        run_folder, skip_report, stratified_split, write_result)
+from evalcommon import (add_data_args, add_encoder_args, check_paths, die, eval_data, fail,
+                        folder_name, labelled_source, load_encoder, need_classes, out_path_for,
+                        result_name, run_folder, skip_report, stratified_split, write_result)
 from loader import InputError, check_readable, epoch_batches, make_loader, setup
-from model import M3AE, PRESETS
+from model import M3AE
 from train import Training, default_workers, draw_curves, finish, given_flags
 from util import add_flags, at_least, check_fields, flag_name, fraction, knob, lr_at, make_parser
-from util import mix_seed
+from util import DiskFull, mix_seed
 
 PROG = "finetune.py"
 
@@ -133,15 +133,9 @@ FREE_FLAGS = {f.name for f in fields(Recipe) if f.metadata["resume"] == "free"}
 def build_parser():
     p = make_parser(__doc__, prog=PROG, conflict_handler="resolve")
     a = p.add_argument
-    a("--ckpt", help="checkpoint from train.py or convert.py (official or mae weights); if not "
-      "given, --random-init with --preset's architecture")
-    a("--random-init", action="store_true", help="fine-tune an untrained encoder (the floor): the "
-      "checkpoint's architecture (or --preset's) with fresh weights drawn from --seed")
-    a("--preset", default="tiny", choices=list(PRESETS), help="architecture for --random-init "
-      "without --ckpt")
-    a("--seed", type=int, default=0, help="head init, data order, augmentation, mixup, drop path, "
-      "the validation split (and the weights under --random-init)")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    add_encoder_args(p, "fine-tune", "checkpoint from train.py or convert.py (official or mae "
+                     "weights)", "head init, data order, augmentation, mixup, drop path, the "
+                     "validation split", features=False)
     a("--workers", type=int, default=default_workers(), help="DataLoader workers per rank")
     a("--out", help="JSON result path; if not given, finetune_<dataset>[_random_init].json next "
       "to the checkpoint")
@@ -748,5 +742,5 @@ def score(t, splits, env, args, d, ckpt, classes, seconds):
 if __name__ == "__main__":
     try:
         main()
-    except (FloatingPointError, checkpoint.DiskFull, CheckpointError) as e:
+    except (FloatingPointError, DiskFull, CheckpointError) as e:
         sys.exit(f"{PROG}: error: {e}")  # a run that cannot go on: one line

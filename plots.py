@@ -10,12 +10,14 @@ score histograms of the paper's Fig. 6 (histograms); sweep.py the ablation bars 
 paper's Fig. 9; tsne() is exact t-SNE in torch, for up to a few thousand points).
 """
 
-import json
 import math
 import os
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+import rundir
+from util import write_atomic
 
 # a colour per series or class: distinguishable, and readable on white (Tableau 10)
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
@@ -211,41 +213,18 @@ def scatter(points, labels, names, title):
 
 
 def save_png(img, path):
-    """Atomically (a temp name only this project makes, then os.replace)."""
-    tmp = f"{path}.m3ae-tmp.{os.getpid()}"
-    try:
-        img.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """util.write_atomic: the old picture or the new one, never half of one."""
+    write_atomic(path, lambda f: img.save(f, format="PNG"))
 
 
 # -----------------------------------------------------------------------------
 # training curves (train.py draws them at each save; `python plots.py curves` overlays runs)
 
 
-def read_log(run_dir):
-    """log.jsonl's records; a line that does not parse (cut by a kill or a full disk) is left
-    out."""
-    records = []
-    path = os.path.join(run_dir, "log.jsonl")
-    if os.path.isfile(path):
-        with open(path, errors="replace") as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(rec, dict) and "step" in rec:
-                    records.append(rec)
-    return records
-
-
 def training_curves(run_dirs, names=None):
     """One panel per logged quantity (every loss term by name, then lr, grad norm, images/s, MFU),
     each run a line. Returns the sheet (PIL image), or None when no run has a record."""
-    logs = {name: read_log(d)
+    logs = {name: [r for r in rundir.read_log(d) if "step" in r]  # a cut line is left out
             for name, d in zip(names or [os.path.basename(os.path.normpath(d)) or d
                                          for d in run_dirs], run_dirs)}
     keys = []

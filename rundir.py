@@ -14,7 +14,7 @@
 Rules: nothing is written into OUT_DIR until every input was checked (check_out_dir, then claim). A
 new run refuses an out-dir that holds another run unless told --overwrite, which then deletes the
 files a run writes (the names above and those outputs.txt lists), never a file given as an input,
-and nothing else. Only temp files with this project's mark (checkpoint.TMP_MARK) are ever removed as
+and nothing else. Only temp files with this project's mark (util.TMP_MARK) are ever removed as
 leftovers of a killed run. --resume takes every setting the user does not repeat from the run's
 record and refuses a changed "fixed" one (util.resume_merge reads the rule from each setting's
 declaration).
@@ -27,7 +27,8 @@ import os
 
 import torch
 
-from checkpoint import CKPT, PREV, DiskFull, is_our_tmp, write_atomic
+from checkpoint import CKPT, PREV
+from util import DiskFull, is_our_tmp, write_atomic
 
 CONFIG, LOG, TOKENIZER, VOCAB, LOCK, OUTPUTS = ("config.json", "log.jsonl", "tokenizer.model",
                                                 "vocab.txt", ".lock", "outputs.txt")

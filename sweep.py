@@ -13,8 +13,7 @@ import re
 import numpy as np
 
 import plots
-from checkpoint import write_atomic
-from util import make_parser
+from util import make_parser, write_atomic
 
 
 # sweep.sh's run names -> what they are; the paper's numbers (ImageNet linear probe / OOD AUROC,

@@ -16,7 +16,6 @@ tokenizer_from_bytes(kind, blob) rebuilds it). load_tokenizer(path) reads either
 telling them apart by content; get_tokenizer() loads one or trains sentencepiece.
 """
 
-import errno
 import io
 import itertools
 import os
@@ -27,6 +26,7 @@ import sentencepiece as spm
 import torch
 
 from data import PAD_ID, UNK_ID, caption_text
+from util import write_atomic
 
 MAX_TOKENIZER_CAPTIONS = 2_000_000  # a tokenizer is trained on at most the first 2M captions
 # Bounds on a tokenizer file, checked before it is read whole: a checkpoint stores the tokenizer, so
@@ -165,7 +165,7 @@ class Tokenizer:
         if tok.vocab_size < vocab_size:
             print(f"tokenizer: the corpus supports {tok.vocab_size} pieces, fewer than the "
                   f"{vocab_size} asked for")
-        write_atomic(model_file, proto.getvalue())
+        write_atomic(model_file, lambda f: f.write(proto.getvalue()))
         return tok
 
     def encode(self, caption, text_len):
@@ -522,29 +522,3 @@ def _sentencepiece(blob, name):
         raise ValueError(f"{name}: not a sentencepiece model ({len(blob):,} bytes that do not "
                          "parse as one)")
     return sp
-
-
-TMP_MARK = ".m3ae-tmp."  # temp files are <name>.m3ae-tmp.<pid>: a name only this project makes
-
-
-def write_atomic(path, blob):
-    """Write blob to path through a temp file beside it and os.replace: path is either as it was or
-    complete, never partial. On any failure the temp file is removed; a full disk raises
-    OSError(ENOSPC) in one line naming the directory."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = f"{path}{TMP_MARK}{os.getpid()}"
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())  # a full disk may only say so here
-        os.replace(tmp, path)
-    except BaseException as e:  # KeyboardInterrupt too: never leave the temp file behind
-        if os.path.lexists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            raise OSError(errno.ENOSPC, f"no space left on the device of {folder} while writing "
-                          f"{os.path.basename(path)} ({len(blob):,} bytes): free space and "
-                          "rerun") from None
-        raise

@@ -50,8 +50,8 @@ from model import M3AE, PRESETS, M3AEConfig, make_config, num_kept
 from tokenizer import MAX_TOKENIZER_CAPTIONS, load_tokenizer
 from loader import (DataError, InputError, build_datasets, epoch_batches, make_loader,
                     make_tokenizer, open_sources, setup)
-from util import (add_flags, at_least, check_fields, flag_name, fraction, knob, lr_at,
-                  make_parser, masking_noise, mix_seed, resume_merge)
+from util import (DiskFull, add_flags, at_least, check_fields, flag_name, fraction, knob, lr_at,
+                  make_parser, masking_noise, mix_seed, resume_merge, write_atomic)
 
 # -----------------------------------------------------------------------------
 # settings: the run's own, one field each (the model's are M3AEConfig's); resume= says how --resume
@@ -244,8 +244,8 @@ def settings(argv=None):
             run, config, notes = Run(**merged), M3AEConfig(**model), notes + more
         elif run.init_from and not run.bench:
             init = checkpoint.read(run.init_from)
-            shape = ([k for k in model_flags if fields_by_name[k].metadata["shape"]]
-                     + (["preset"] if "preset" in given else []))
+            shape = ([f.name for f in fields(M3AEConfig) if f.name in model_flags
+                      and f.metadata["shape"]] + (["preset"] if "preset" in given else []))
             if shape:
                 p.error(f"argument {flag_name(shape[0])}: the architecture comes from --init-from")
             config = checkpoint.model_config(init, **model_flags)
@@ -255,9 +255,6 @@ def settings(argv=None):
     except (ValueError, rundir.RunDirError) as e:
         p.error(str(e).replace("ValueError: ", ""))
     return Settings(run, config, init, notes)
-
-
-fields_by_name = {f.name: f for f in fields(M3AEConfig)}
 
 
 def check_run(p, run, config):
@@ -611,7 +608,7 @@ def main(argv=None):
     if finished and env.master:
         if run.probe and probe_sets is not None:
             result = end_of_run_check(model, tokenizer, probe_sets, run, t.step)
-        summary(run, t.step, finished)
+        summary(run, t.step)
     finish(lock, env, t)
     return result
 
@@ -636,7 +633,7 @@ def keep_tokenizer(run, tokenizer):
     if run.tokenizer and os.path.exists(path) and os.path.samefile(path, run.tokenizer):
         return  # the user's own file, already in place
     if not os.path.exists(path):
-        checkpoint.write_atomic(path, lambda f: f.write(tokenizer.to_bytes()))
+        write_atomic(path, lambda f: f.write(tokenizer.to_bytes()))
 
 
 def run_fingerprint(run, tokenizer):
@@ -797,7 +794,7 @@ def log_record(terms, env):
     return {k: terms[k].item() for k in names}
 
 
-def summary(run, step, finished):
+def summary(run, step):
     """What was saved where, and the next commands."""
     ckpt = os.path.join(run.out_dir, checkpoint.CKPT)
     print(f"done: {ckpt} (step {step}), {os.path.join(run.out_dir, rundir.LOG)}, "
@@ -822,7 +819,7 @@ def end_of_run_check(model, tokenizer, probe_sets, run, step):
         print(f"text grounding: masked-word cross-entropy {own:.3f} beside its own image, "
               f"{other:.3f} beside another's (1000 held-out pairs; equal = the text ignores the "
               f"image)")
-    checkpoint.write_atomic(os.path.join(run.out_dir, "probe.json"), lambda f: json.dump(result, f),
+    write_atomic(os.path.join(run.out_dir, "probe.json"), lambda f: json.dump(result, f),
                             mode="w")
     return result
 
@@ -895,6 +892,6 @@ def bench(run, config, env):
 if __name__ == "__main__":
     try:
         main()
-    except (FloatingPointError, DataError, checkpoint.DiskFull, checkpoint.CheckpointError) as e:
+    except (FloatingPointError, DataError, DiskFull, checkpoint.CheckpointError) as e:
         # a run that cannot go on: one line, the reason and what is saved
         sys.exit(f"train.py: error: {e}")

@@ -1,6 +1,6 @@
 """What several scripts share, in one leaf module (it imports nothing of this project): seeded
-sampling, the lr schedule, the command-line formatter, and `knob`, the one way a setting is
-declared.
+sampling, the lr schedule, the command-line formatter, `knob`, the one way a setting is declared,
+and write_atomic, the one way a file is written.
 
 A setting is declared once, as a dataclass field made with `knob` (model.M3AEConfig, train.Run): its
 default, its help text, what values are valid and how a --resume treats it live in the field's
@@ -10,8 +10,10 @@ follow from it (add_flags, check_fields, resume_rule). No script keeps a list of
 
 import argparse
 import dataclasses
+import errno
 import math
 import os
+import shutil
 
 import torch
 
@@ -181,3 +183,68 @@ def resume_merge(cls, recorded, current, given):
             (refused if rule == "fixed" else notes).append(change)
             merged[f.name] = current[f.name]
     return merged, notes, refused
+
+
+# -----------------------------------------------------------------------------
+# files: every file this project writes goes through write_atomic
+
+# Every temp file is "<final name>.m3ae-tmp.<pid>": a name no user file has, so that removing a
+# killed run's temp files can never touch anything else (tmp_path, is_our_tmp).
+TMP_MARK = ".m3ae-tmp."
+
+
+def tmp_path(path):
+    return f"{path}{TMP_MARK}{os.getpid()}"
+
+
+def is_our_tmp(name):
+    """True for a file name tmp_path makes: <name>.m3ae-tmp.<digits>."""
+    head, mark, pid = name.rpartition(TMP_MARK)
+    return bool(head and mark and pid.isdigit())
+
+
+class DiskFull(OSError):
+    """No space left while writing; the message is one line naming the folder and what is as it
+    was."""
+
+    def __str__(self):
+        return self.strerror  # the sentence itself, without "[Errno 28]"
+
+
+def disk_full(e, folder):
+    """Whether exception `e` means the disk of `folder` is full: ENOSPC on it or on its cause
+    (torch's writer raises a RuntimeError without errno), or an OSError / RuntimeError with under 1
+    MiB left. Measure it before the failed temp file is removed, or the free space it held hides the
+    cause."""
+    for x in (e, e.__cause__, e.__context__):
+        if getattr(x, "errno", None) == errno.ENOSPC:
+            return True
+    return isinstance(e, (OSError, RuntimeError)) and shutil.disk_usage(folder).free < (1 << 20)
+
+
+def write_atomic(path, write, mode="wb", before_replace=None):
+    """Write `path` through write(file) into its temp file (its folder made if need be), fsync,
+    call before_replace() if given (e.g. keep the previous version), then os.replace: a crash, an
+    error or a full disk leaves the old file as it was and no temp file behind. A full disk raises
+    DiskFull, one line."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = tmp_path(path)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # a full disk may only say so here
+        if before_replace is not None:
+            before_replace()
+        os.replace(tmp, path)
+    except BaseException as e:  # KeyboardInterrupt too: never leave the temp file behind
+        full = isinstance(e, Exception) and disk_full(e, folder)
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        if full:
+            raise DiskFull(errno.ENOSPC, f"no space left on the device of {folder} while writing "
+                           f"{os.path.basename(path)} ({shutil.disk_usage(folder).free >> 20} MiB "
+                           "free); the file is as it was: free space, then run the command again "
+                           "(train.py: with --resume)") from e
+        raise

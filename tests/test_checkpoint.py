@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import checkpoint
+import util
 from model import M3AE, make_config
 
 
@@ -21,9 +22,9 @@ def test_checkpoint_norm_prefers_the_data_entry_then_args():
 
 
 def test_temp_names_are_ours_alone():
-    assert checkpoint.is_our_tmp(os.path.basename(checkpoint.tmp_path("/x/ckpt.pt")))
+    assert util.is_our_tmp(os.path.basename(util.tmp_path("/x/ckpt.pt")))
     for user_file in ("thesis.tmp.docx", "ckpt.pt.tmp.123", "notes.m3ae-tmp.txt", ".m3ae-tmp.12", "a.m3ae-tmp."):
-        assert not checkpoint.is_our_tmp(user_file), user_file
+        assert not util.is_our_tmp(user_file), user_file
 
 
 class Evil:
@@ -60,17 +61,17 @@ def test_a_full_disk_leaves_the_old_file_and_no_temp_file(tmp_path, monkeypatch)
         f.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(checkpoint.DiskFull, match="no space left on the device of .* while writing ckpt.pt"):
-        checkpoint.write_atomic(str(path), full)
+    with pytest.raises(util.DiskFull, match="no space left on the device of .* while writing ckpt.pt"):
+        util.write_atomic(str(path), full)
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["ckpt.pt"]
 
     def torch_style(f):  # torch's PytorchStreamWriter raises RuntimeError without an errno
         raise RuntimeError("[enforce fail at inline_container.cc] . unexpected pos 64 vs 0")
 
-    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: os.statvfs_result if False else
+    monkeypatch.setattr(util.shutil, "disk_usage", lambda p: os.statvfs_result if False else
                         type("U", (), {"free": 1000, "total": 10**9, "used": 10**9})())
-    with pytest.raises(checkpoint.DiskFull):
-        checkpoint.write_atomic(str(path), torch_style)
+    with pytest.raises(util.DiskFull):
+        util.write_atomic(str(path), torch_style)
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["ckpt.pt"]
 
 

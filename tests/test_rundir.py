@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoint
 import rundir
 import train
+import util
 
 SMALL = ["--preset", "tiny", "--train-size", "96", "--batch-size", "16", "--workers", "0", "--warmup-steps", "2",
          "--log-every", "1", "--vocab-size", "256", "--no-probe"]
@@ -159,7 +159,7 @@ def test_a_full_disk_while_logging_is_one_line_and_resumes(tmp_path, monkeypatch
         def write(self, text):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(checkpoint.DiskFull, match="No space left on device.* then --resume"):
+    with pytest.raises(util.DiskFull, match="No space left on device.* then --resume"):
         rundir.append_log(FullLog(), {"step": 1})
 
 

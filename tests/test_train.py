@@ -14,6 +14,7 @@ import torch
 import checkpoint
 import loader
 import train
+import util
 from checkpoint import load_model
 from model import M3AE, make_config
 
@@ -345,8 +346,8 @@ def test_failed_save_cleans_up_and_says_disk_full(tmp_path, monkeypatch):
         raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 4416 vs 4302")
 
     monkeypatch.setattr(torch, "save", full_disk)
-    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
-    with pytest.raises(checkpoint.DiskFull, match=r"no space left on the device of .*while writing ckpt.pt"):
+    monkeypatch.setattr(util.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
+    with pytest.raises(util.DiskFull, match=r"no space left on the device of .*while writing ckpt.pt"):
         run(tmp_path, "--steps", "4", "--save-every", "1", "--resume")
     monkeypatch.setattr(torch, "save", real_save)
     assert not [n for n in os.listdir(tmp_path) if "tmp" in n]  # the temp file is gone
