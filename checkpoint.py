@@ -56,9 +56,15 @@ def read(path, map_location="cpu", mmap=False):
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            reason = "it holds Python objects beyond tensors (refused: loading it could run code)"
+        lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
+        reason = lines[0][:200] if lines else type(e).__name__
+        named = [x for x in lines if "GLOBAL" in x or "Unsupported global" in x]
+        if named:  # a pickle naming code to run: refused, never loaded
+            reason = f"it names Python code to run, refused ({named[0][:120]})"
+        elif "Weights only load failed" in str(e):  # any other bytes torch.save did not write
+            what = next((x for x in lines if x.startswith("Unsupported")),
+                        "not torch.save's format")
+            reason = f"not a file torch.save wrote ({what})"
         raise CheckpointError(f"{path}: not a readable checkpoint: {reason}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"{path}: not a checkpoint of this project (no model / config "
