@@ -291,3 +291,53 @@ def test_a_converted_official_checkpoint_fine_tunes(tmp_path):
     assert r["steps"] == 2 and math.isfinite(r["top1"])
     model, saved = load_model(str(tmp_path / "official" / "ckpt.pt"))
     assert model.config.emb_dim == 64 and saved["head"]["head.weight"].shape == (10, 64)
+
+
+# --- the systems paths: bf16 autocast and torch.compile (CPU here; CUDA picks both by default),
+# torchrun DDP (two gloo ranks on CPU)
+
+PLAIN = ["--mixup", "0", "--cutmix", "0", "--drop-path", "0"]  # no per-rank randomness
+
+
+def first_loss(run_dir):
+    return next(json.loads(line)["loss"] for line in open(run_dir / "log.jsonl"))
+
+
+def test_bf16_autocast_and_torch_compile_fine_tune_like_eager_fp32(tmp_path):
+    """The GPU defaults (bf16 autocast, torch.compile) taken on CPU: the first batch's loss, before
+    any update, agrees with eager fp32's to bf16's precision, and the run ends with a finite top-1."""
+    argv = ["--random-init", *SMALL, "--epochs", "1", *PLAIN]
+    eager, _ = run([*argv, "--dtype", "fp32", "--no-compile"], tmp_path, "eager")
+    fast, _ = run([*argv, "--dtype", "bf16", "--compile"], tmp_path, "compiled")
+    assert fast["steps"] == eager["steps"] == 2 and math.isfinite(fast["top1"])
+    a, b = first_loss(tmp_path / "eager"), first_loss(tmp_path / "compiled")
+    assert abs(a - b) < 0.02 * a, (a, b)
+
+
+def test_ddp_two_gloo_ranks_equal_one_process(tmp_path):
+    """torchrun with two ranks: each sees half of every global batch, DDP averages the gradients,
+    evaluation is sharded and the counts summed: the same weights and top-1 as one process (without
+    mixup and drop path, which draw per rank, as mae's do)."""
+    import subprocess
+    import sys
+
+    argv = ["--random-init", *SMALL, *PLAIN, "--device", "cpu"]
+    one, _ = run(argv, tmp_path, "one")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "finetune.py"), *argv, "--out-dir", str(tmp_path / "two"), "--out",
+           str(tmp_path / "two.json")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["world_size"] == 2 and two["steps"] == one["steps"] == 4
+    assert two["test_size"] == one["test_size"] == 16 and two["top1"] == one["top1"]
+    a = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)
+    for part in ("model", "head"):
+        for name in a[part]:
+            x, y = a[part][name], b[part][name]
+            if name.endswith("attn.qkv.bias"):  # the key bias: see test_train's DDP test
+                x, y = torch.cat([x.chunk(3)[0], x.chunk(3)[2]]), torch.cat(
+                    [y.chunk(3)[0], y.chunk(3)[2]])
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4, msg=name)
