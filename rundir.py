@@ -108,7 +108,21 @@ def claim(out_dir, overwrite=False, inputs=()):
             path = os.path.join(out_dir, name)
             if os.path.realpath(path) not in keep:
                 os.remove(path)
+                prune(os.path.dirname(path), out_dir)
     return lock
+
+
+def prune(folder, out_dir):
+    """Remove FOLDER and the folders above it, up to OUT_DIR (kept), while each is empty: the
+    sub-folders a run's outputs made (features/, viz/) go with them; one holding anything stays."""
+    root = os.path.realpath(out_dir)
+    folder = os.path.realpath(folder)
+    while folder.startswith(root + os.sep):
+        try:
+            os.rmdir(folder)  # only ever an empty folder
+        except OSError:
+            return
+        folder = os.path.dirname(folder)
 
 
 def record_output(folder, path):
@@ -120,8 +134,11 @@ def record_output(folder, path):
         with open(listed, errors="replace") as f:
             if rel in (line.strip() for line in f):
                 return
-    with open(listed, "a") as f:
-        f.write(rel + "\n")
+    fd = os.open(listed, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:  # one write of O_APPEND: lines of scripts writing at once never interleave
+        os.write(fd, (rel + "\n").encode())
+    finally:
+        os.close(fd)
 
 
 # -----------------------------------------------------------------------------

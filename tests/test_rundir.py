@@ -80,9 +80,17 @@ def test_overwrite_checks_every_input_first_and_spares_the_users_files(tmp_path,
     (tmp_path / "r" / "notes.txt").write_text("mine")
     (tmp_path / "r" / "probe_old.json").write_text("{}")
     rundir.record_output(str(tmp_path / "r"), str(tmp_path / "r" / "probe_old.json"))  # what probe.py does
+    for sub, mine in (("features", False), ("viz", True)):  # a feature cache; pictures beside a note
+        (tmp_path / "r" / sub / "k").mkdir(parents=True)
+        (tmp_path / "r" / sub / "k" / "x.pt").write_bytes(b"0")
+        rundir.record_output(str(tmp_path / "r"), str(tmp_path / "r" / sub / "k" / "x.pt"))
+        if mine:
+            (tmp_path / "r" / sub / "keep.txt").write_text("mine")
     run(tmp_path / "r", "--steps", "1", "--overwrite", "--tokenizer", str(tmp_path / "r" / "vocab.txt"))
     assert (tmp_path / "r" / "vocab.txt").read_text() == vocab and (tmp_path / "r" / "notes.txt").exists()
     assert not (tmp_path / "r" / "probe_old.json").exists()  # the old run's result is gone with it
+    assert not (tmp_path / "r" / "features").exists()  # its emptied folders too, up to the out-dir
+    assert os.listdir(tmp_path / "r" / "viz") == ["keep.txt"]  # a folder holding a user's file stays
     assert not (tmp_path / "r" / "tokenizer.model").exists()  # the old run's tokenizer too
     ckpt = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)
     assert ckpt["tokenizer"]["kind"] == "wordpiece" and step(tmp_path / "r") == 1
