@@ -75,7 +75,7 @@ def probe(d, init, s):
     run = f"{sweep}/{'m3ae' if init == 'random' else init}_s{s}"
     name = f"probe_{d}_fast{'_random_init' if init == 'random' else ''}.json"
     path = os.path.join(run, name)
-    return json.load(open(path))["linear"]["top1"] if os.path.exists(path) else float("nan")
+    return json.load(open(path))["top1"] if os.path.exists(path) else float("nan")
 def ms(v):
     return f"{statistics.mean(v):.1f} ± {statistics.stdev(v):.1f}" if len(v) > 1 else f"{v[0]:.1f}"
 print("| dataset | init | fine-tune PLAIN | fine-tune mae's recipe | linear probe | seeds |")
