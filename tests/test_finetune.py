@@ -341,3 +341,45 @@ def test_ddp_two_gloo_ranks_equal_one_process(tmp_path):
                 x, y = torch.cat([x.chunk(3)[0], x.chunk(3)[2]]), torch.cat(
                     [y.chunk(3)[0], y.chunk(3)[2]])
             torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_a_run_killed_mid_epoch_resumes_to_the_same_weights(tmp_path):
+    """SIGKILL after step 3 (the last checkpoint: the end of epoch 1, step 2): --resume replays from
+    the checkpoint, drops the log lines it replays, and ends where one run in one go ends."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    argv = ["--random-init", *SMALL, "--epochs", "3"]
+    run(argv, tmp_path, "whole")
+    out = tmp_path / "killed"
+    code = (f"import sys, time; sys.path.insert(0, {ROOT!r}); import finetune\n"
+            "step = finetune.train_step\n"
+            "def slow(t, *a):\n"
+            "    if t.step >= 3:\n"
+            "        time.sleep(600)\n"
+            "    return step(t, *a)\n"
+            "finetune.train_step = slow; finetune.main(sys.argv[1:])")
+    proc = subprocess.Popen([sys.executable, "-c", code, *argv, "--out-dir", str(out), "--out",
+                             str(tmp_path / "killed.json")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while '"step": 3' not in ((out / "log.jsonl").read_text() if (out / "log.jsonl").exists()
+                              else ""):
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, "the run never reached step 3"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
+    run(["--resume"], tmp_path, "killed")
+    a = torch.load(tmp_path / "whole" / "ckpt.pt", weights_only=True)
+    b = torch.load(out / "ckpt.pt", weights_only=True)
+    assert a["step"] == b["step"] == 6
+    for part in ("model", "head"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), k
+    steps = [json.loads(line).get("step") for line in open(out / "log.jsonl")]
+    assert steps == [json.loads(line).get("step") for line in open(tmp_path / "whole" /
+                                                                     "log.jsonl")]
