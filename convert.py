@@ -47,7 +47,7 @@ import torch
 
 from data import CC12M_MEAN, CC12M_STD, IMAGENET_MEAN, IMAGENET_STD
 from tokenizer import load_tokenizer
-from util import DiskFull, HelpFormatter, make_parser, write_atomic
+from util import DiskFull, HelpFormatter, foreign_output, make_parser, write_atomic
 
 
 class ConversionError(ValueError):
@@ -1029,6 +1029,9 @@ def check_out(out_path, inputs):
                 and os.path.samefile(path, out_path)):
             raise ConversionError(f"output {out_path} is the input {flag} {path}: write the output "
                                   "elsewhere")
+    refused = foreign_output(out_path, "pickle" if out_path.endswith(".pkl") else "zip")
+    if refused:
+        raise ConversionError(f"output {refused}")
 
 
 def _print_config(config):

@@ -24,7 +24,7 @@ import rundir
 from checkpoint import (NORMS, CheckpointError, checkpoint_data_level, checkpoint_data_seed,
                         checkpoint_norm, load_model)
 from model import M3AE, PRESETS, make_config
-from util import mix_seed, write_atomic
+from util import foreign_output, mix_seed, write_atomic
 
 # -----------------------------------------------------------------------------
 # flags (probe.py adds the head's), each checked before any work
@@ -139,6 +139,16 @@ def class_difference(train_classes, other_classes, train_flag, other_flag, other
             + "; ".join(x for x in parts if x) + ")")
 
 
+def check_output(p, flag, path, kind):
+    """Before any work: an output path that is not a folder and holds no file of the user's
+    (util.foreign_output)."""
+    if path and os.path.isdir(path):
+        fail(p, flag, path, "is a folder (give the file's path)")
+    refused = path and foreign_output(path, kind)
+    if refused:
+        p.error(f"argument {flag}: {refused}")
+
+
 def check_paths(p, args, splits, purpose="a linear probe"):
     """Every path flag, before any work: the checkpoint a file, the folders of images (the training
     one with at least 2 classes, for `purpose`), the same classes in each, sizes within them."""
@@ -146,8 +156,7 @@ def check_paths(p, args, splits, purpose="a linear probe"):
         check_file(p, "--ckpt", args.ckpt, "a checkpoint from train.py or convert.py")
     if args.cache_dir and os.path.exists(args.cache_dir) and not os.path.isdir(args.cache_dir):
         fail(p, "--cache-dir", args.cache_dir, "exists and is not a folder")
-    if args.out and os.path.isdir(args.out):
-        fail(p, "--out", args.out, "is a folder (give the JSON file's path)")
+    check_output(p, "--out", args.out, "json")
     found = {s: check_image_folder(p, f"--{s}-dir", getattr(args, f"{s}_dir"), labelled=s != "ood")
              for s in splits if getattr(args, f"{s}_dir", None)}
     if "train" in found:
@@ -243,10 +252,14 @@ def result_name(prefix, d, mode=None, recipe="grid"):
     return prefix + "_" + d.name + "".join(f"_{x}" for x in tags)
 
 
-def write_output(path, write, mode="wb", folder=None):
+def write_output(path, write, kind, mode="wb", folder=None):
     """util.write_atomic (a failure, a full disk included, leaves the old file and no temp
     file; DiskFull says so in one line), then the path listed in FOLDER/outputs.txt when it lies
-    inside FOLDER (the checkpoint's), so that train.py --overwrite removes it with the run."""
+    inside FOLDER (the checkpoint's), so that train.py --overwrite removes it with the run. A file
+    at `path` that is not an earlier output of `kind` (util.OUTPUT_KINDS) is never replaced."""
+    refused = foreign_output(path, kind)
+    if refused:
+        raise SystemExit(refused)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_atomic(path, write, mode)
     if folder and os.path.abspath(path).startswith(os.path.abspath(folder) + os.sep):
@@ -296,7 +309,7 @@ def write_result(result, path, folder=None):
     except ValueError as e:
         raise SystemExit(f"not writing {path}: a value is not a finite number ({e})") from None
     try:
-        return write_output(path, lambda f: f.write(text), "w", folder)
+        return write_output(path, lambda f: f.write(text), "json", "w", folder)
     except OSError as e:
         raise SystemExit(f"{path} not written: {e.strerror or e}") from None
 

@@ -197,7 +197,7 @@ def histograms_png(raw, scores, name, ood_name, json_path, run_dir=None):
               for score, (a, b) in raw.items()]
     path = os.path.splitext(json_path)[0] + ".png"
     sheet = plots.grid(panels, cols=len(panels), title=f"OOD scores: {name} test vs {ood_name}")
-    write_output(path, lambda f: sheet.save(f, format="PNG"), folder=run_dir)
+    write_output(path, lambda f: sheet.save(f, format="PNG"), "png", folder=run_dir)
     return path
 
 

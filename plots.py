@@ -329,7 +329,7 @@ def tsne_figure(ckpts, test_dir, size=1000, seed=0):
 
 
 def main(argv=None):
-    from util import make_parser
+    from util import foreign_output, make_parser
 
     p = make_parser(__doc__, prog="plots.py")
     sub = p.add_subparsers(dest="what", required=True)
@@ -347,6 +347,9 @@ def main(argv=None):
     t.add_argument("--seed", type=int, default=0, help="which images, and the map's initialisation")
     t.add_argument("--out", default="tsne.png", help="the PNG to write")
     args = p.parse_args(argv)
+    refused = foreign_output(args.out, "png")
+    if refused:
+        p.error(f"argument --out: {refused}")
     if args.what == "curves":
         missing = [r for r in args.runs if not os.path.isfile(os.path.join(r, "log.jsonl"))]
         if missing:

@@ -41,9 +41,9 @@ from tqdm import tqdm
 import builtin
 import data
 from checkpoint import CheckpointError, pretraining_info
-from evalcommon import (Indexed, add_data_args, add_encoder_args, check_paths, die, eval_data, fail,
-                        labelled_source, load_encoder, need_classes, out_path_for, result_name,
-                        skip_report, stratified_split, write_output, write_result)
+from evalcommon import (Indexed, add_data_args, add_encoder_args, check_output, check_paths, die,
+                        eval_data, fail, labelled_source, load_encoder, need_classes, out_path_for,
+                        result_name, skip_report, stratified_split, write_output, write_result)
 from util import SeededSamples, lr_at, make_parser, mix_seed
 
 # the default grid's base lrs, lr = base_lr x batch / 256 (paper: 0.1, mae: 6.4; docs/probe.md)
@@ -119,8 +119,7 @@ def get_args(argv=None):
     if args.train_dir and args.label != "shape":
         p.error("--label picks a built-in attribute; folders label by class folder")
     check_head_args(p, args)
-    if args.save_head and os.path.isdir(args.save_head):
-        fail(p, "--save-head", args.save_head, "is a folder (give the file's path)")
+    check_output(p, "--save-head", args.save_head, "zip")
     check_paths(p, args, ("train", "test", "val"))
     return args
 
@@ -202,7 +201,7 @@ def cached_features(model, model_key, dataset, data_key, cache_dir, batch_size=2
         entry = dict(features=f.x, labels=f.y, index=f.index, skipped=f.skipped, model=model_key,
                      data=data_key)
         try:
-            write_output(path, lambda fh: torch.save(entry, fh), folder=run_dir)
+            write_output(path, lambda fh: torch.save(entry, fh), "zip", folder=run_dir)
         except OSError as e:
             print(f"note: features not cached: {e.strerror or e}")
     return f
@@ -632,7 +631,7 @@ def main(argv=None):
                      feature="CLS after the encoder's final norm", ckpt=args.ckpt,
                      random_init=args.random_init, model_hash=model_key[:16], recipe=rec)
         try:
-            write_output(args.save_head, lambda f: torch.save(saved, f), folder=d.run_dir)
+            write_output(args.save_head, lambda f: torch.save(saved, f), "zip", folder=d.run_dir)
         except OSError as e:
             raise SystemExit(f"{args.save_head} not written: {e.strerror or e}") from None
     who = "random-init encoder" if args.random_init else (args.ckpt or "")

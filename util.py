@@ -11,6 +11,7 @@ follow from it (add_flags, check_fields, resume_rule). No script keeps a list of
 import argparse
 import dataclasses
 import errno
+import json
 import math
 import os
 import shutil
@@ -220,6 +221,41 @@ def disk_full(e, folder):
         if getattr(x, "errno", None) == errno.ENOSPC:
             return True
     return isinstance(e, (OSError, RuntimeError)) and shutil.disk_usage(folder).free < (1 << 20)
+
+
+# What an output may replace: nothing, or a file of the same kind this project writes, told by its
+# first bytes (a result JSON names its "ckpt"); never a user's other file, e.g. a CSV or a
+# checkpoint given as --out by mistake.
+OUTPUT_KINDS = {
+    "json": ("result JSON", lambda head, path: head.lstrip()[:1] == b"{" and _names_ckpt(path)),
+    "png": ("PNG", lambda head, path: head.startswith(b"\x89PNG\r\n\x1a\n")),
+    "zip": ("torch.save / numpy file", lambda head, path: head.startswith(b"PK\x03\x04")),
+    "pickle": ("pickle", lambda head, path: head[:1] == b"\x80"),
+}
+
+
+def _names_ckpt(path):
+    if os.path.getsize(path) > (16 << 20):  # no result of ours is that big
+        return False
+    try:
+        with open(path, encoding="utf-8") as f:
+            return "ckpt" in json.load(f)
+    except (ValueError, TypeError):
+        return False
+
+
+def foreign_output(path, kind):
+    """Why an output of `kind` (OUTPUT_KINDS) must not replace `path`, in one line, or None when
+    the path is free or holds an earlier output of that kind."""
+    if not os.path.lexists(path):
+        return None
+    what, ours = OUTPUT_KINDS[kind]
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            if ours(f.read(8), path):
+                return None
+    return (f"{path} exists and is not a {what} this project wrote: not replaced (move it or "
+            "choose another path)")
 
 
 def write_atomic(path, write, mode="wb", before_replace=None):

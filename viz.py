@@ -632,7 +632,7 @@ def save(canvas, path, true_colour=False, folder=None):
                            + [v for c in fixed for v in c])
         canvas = canvas.quantize(palette=palette, dither=Image.Dither.NONE)  # the nearest colour
     try:
-        return write_output(path, lambda f: canvas.save(f, format="PNG", optimize=True),
+        return write_output(path, lambda f: canvas.save(f, format="PNG", optimize=True), "png",
                             folder=folder)
     except OSError as e:
         raise SystemExit(f"{path} not written: {e.strerror or e}") from None

@@ -43,7 +43,7 @@ import data
 import plots
 from checkpoint import (NORMS, CheckpointError, checkpoint_data_level, checkpoint_data_seed,
                         checkpoint_norm, checkpoint_tokenizer, pretraining_info)
-from evalcommon import (check_file, check_image_folder, die, fail, folder_name,
+from evalcommon import (check_file, check_image_folder, check_output, die, fail, folder_name,
                         out_path_for, read_model, run_folder, skip_report, stratified_pick,
                         write_output, write_result)
 from probe import topk_accuracy
@@ -149,8 +149,7 @@ def get_args(argv=None):
     check_file(p, "--ckpt", args.ckpt, "a checkpoint from train.py or convert.py")
     if args.tokenizer:
         check_file(p, "--tokenizer", args.tokenizer, "a sentencepiece .model or a vocab.txt")
-    if args.out and os.path.isdir(args.out):
-        fail(p, "--out", args.out, "is a folder (give the JSON file's path)")
+    check_output(p, "--out", args.out, "json")
     if args.test_dir:
         if args.label != "shape":
             p.error("--label picks a built-in attribute; folders label by class folder")
@@ -435,7 +434,7 @@ def main(argv=None):
              f"(chance {100.0 / C:.1f}%)")
     img = plots.confusion_matrix(torch.tensor(with_image["confusion"]), classes, title)
     try:
-        write_output(png, lambda f: img.save(f, format="PNG"), folder=run_dir)
+        write_output(png, lambda f: img.save(f, format="PNG"), "png", folder=run_dir)
     except OSError as e:
         print(f"note: {png} not written: {e.strerror or e}")
     print(f"{args.ckpt} on {info['dataset']}: zero-shot top-1 {with_image['top1']:.2f}% top-5 "

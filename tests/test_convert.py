@@ -464,12 +464,14 @@ def test_an_interrupted_conversion_leaves_no_partial_output(tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         convert.main(["official", FIXTURE, str(out)])
     assert os.listdir(tmp_path) == []
-    out.write_bytes(b"the user's older file")
+    save({"older": torch.zeros(1)}, out)  # an earlier output (a file of another kind is never replaced)
+    older = out.read_bytes()
     with pytest.raises(KeyboardInterrupt):
         convert.main(["official", FIXTURE, str(out)])
-    assert os.listdir(tmp_path) == ["ours.pt"] and out.read_bytes() == b"the user's older file"
+    assert os.listdir(tmp_path) == ["ours.pt"] and out.read_bytes() == older
     monkeypatch.setattr(torch, "save", save)
     assert convert.main(["official", FIXTURE, str(out)]) == 0 and os.listdir(tmp_path) == ["ours.pt"]
+    assert out.read_bytes() != older
 
 
 def test_output_that_is_an_input_or_cannot_be_written_is_refused_before_any_work(tmp_path, capsys):

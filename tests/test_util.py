@@ -114,3 +114,62 @@ def test_train_help_shows_each_presets_geometry():
     text = " ".join(train.build_parser().format_help().split())
     assert "image side in pixels; a multiple of --patch-size (default: the preset's: tiny 32, small 256" in text
     assert "patch side in pixels (default: the preset's: tiny 8, small 16, base 16" in text
+
+
+def test_an_output_replaces_only_an_earlier_output_of_its_kind(tmp_path):
+    from util import foreign_output
+
+    free = tmp_path / "free.json"
+    assert foreign_output(str(free), "json") is None  # nothing there
+    mine = {"result.json": b'{\n  "ckpt": "run/ckpt.pt", "top1": 50.0}', "a.png":
+            b"\x89PNG\r\n\x1a\n....", "h.pt": b"PK\x03\x04....", "o.pkl": b"\x80\x04...."}
+    for name, head in mine.items():
+        (tmp_path / name).write_bytes(head)
+    kinds = {"result.json": "json", "a.png": "png", "h.pt": "zip", "o.pkl": "pickle"}
+    for name, kind in kinds.items():
+        assert foreign_output(str(tmp_path / name), kind) is None, name
+    users = {"pairs.csv": b"filepath,caption\na.jpg,a dog\n", "conf.json": b'{"lr": 1}',
+             "photo.jpg": b"\xff\xd8\xff\xe0....", "notes.txt": b"mine"}
+    for name, body in users.items():
+        (tmp_path / name).write_bytes(body)
+        for kind in kinds.values():
+            line = foreign_output(str(tmp_path / name), kind)
+            assert "exists and is not a" in line and "not replaced" in line, (name, kind)
+    (tmp_path / "link.json").symlink_to(tmp_path / "nowhere")  # a dangling link is not replaced
+    assert foreign_output(str(tmp_path / "link.json"), "json") is not None
+
+
+def test_no_script_writes_its_output_over_a_users_file(tmp_path, capsys):
+    """--out (and --save-head, convert's output, plots' --out) naming a user's CSV: refused in one
+    line before any work, the file as it was; a default result name that is a user's file is not
+    replaced at write time either."""
+    import convert
+    import plots
+    import probe
+    import zeroshot
+    from checkpoint import checkpoint_dict
+    from evalcommon import write_output
+    from model import M3AE, make_config
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "run" / "ckpt.pt"
+    ckpt.parent.mkdir()
+    torch.save(checkpoint_dict(M3AE(make_config("tiny", vocab_size=50, depth=1)),
+                               args={"data": "builtin", "data_seed": 0, "steps": 0}), ckpt)
+    csv = tmp_path / "pairs.csv"
+    body = "filepath,caption\na.jpg,a dog on a beach\n"
+    csv.write_text(body)
+    (tmp_path / "run" / "log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    for main, argv in ((probe.main, ["--ckpt", str(ckpt), "--out", str(csv)]),
+                       (probe.main, ["--ckpt", str(ckpt), "--save-head", str(csv)]),
+                       (zeroshot.main, ["--ckpt", str(ckpt), "--out", str(csv)]),
+                       (plots.main, ["curves", str(tmp_path / "run"), "--out", str(csv)])):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert e.value.code == 2 and f"{csv} exists and is not a" in err, (argv, err)
+    assert convert.main(["to-timm", str(ckpt), str(csv)]) != 0
+    assert "not replaced" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="not replaced"):
+        write_output(str(csv), lambda f: f.write("{}"), "json", "w")
+    assert csv.read_text() == body
