@@ -5,6 +5,7 @@
 #   SWEEP=runs/real_v1 OUT=runs/ft_v1 bench/finetune_sweep.sh select   # 1. blr, crop on val
 #   SWEEP=runs/real_v1 OUT=runs/ft_v1 BLR="m3ae:5e-3 mae:5e-3 random:2e-2" CROP=1 \
 #       bench/finetune_sweep.sh table                                   # 2. the table
+#   ... OUT=runs/ft_v1_m3ae2e-2 INITS=m3ae BLR=m3ae:2e-2 bench/finetune_sweep.sh table  # one init
 #
 # SWEEP holds sweep.sh's runs {m3ae,mae}_sS/ckpt.pt (with VARIANTS="m3ae mae"), whose own
 # probe_<dataset>_fast.json files give the linear-probe column; random init is M3AE's architecture
@@ -22,6 +23,7 @@ OUT=${OUT:-runs/ft}
 SEEDS=${SEEDS:-"0 1 2"}
 DATA=${DATA:-runs/realdata}
 DATASETS=${DATASETS:-"fashion_mnist mnist5k"}          # DATA/<name>/{train,test}
+INITS=${INITS:-"m3ae mae random"}
 GRID=${GRID:-"5e-4 2e-3 5e-3 2e-2"}                    # blr (mae's 5e-4 first)
 CROPS=${CROPS:-"0.875 1"}                               # --crop-pct (evalcommon's 0.875 first)
 BLR=${BLR:-"m3ae:5e-4 mae:5e-4 random:5e-4"}
@@ -55,22 +57,22 @@ first=${DATASETS%% *}
 mkdir -p "$OUT"
 case ${1:-} in
   select)
-    for init in m3ae mae random; do for c in $CROPS; do for b in $GRID; do
+    for init in $INITS; do for c in $CROPS; do for b in $GRID; do
       echo "$first $init 0 plain $b $c select/${init}_blr${b}_crop$c"; done; done; done \
       | xargs -P "$JOBS" -L 1 bash "$SELF" one
-    for init in m3ae mae random; do for c in $CROPS; do for b in $GRID; do
+    for init in $INITS; do for c in $CROPS; do for b in $GRID; do
       f=$OUT/select/${init}_blr${b}_crop$c.json
       printf '%s blr %s crop %s: val top-1 %s\n' $init $b $c "$($PY -c 'import json, sys
 print("%.1f" % json.load(open(sys.argv[1]))["val_top1"])' "$f")"
     done; done; done | tee "$OUT/select.txt" ;;
   table)
-    for d in $DATASETS; do for init in m3ae mae random; do for s in $SEEDS; do
+    for d in $DATASETS; do for init in $INITS; do for s in $SEEDS; do
       for r in plain recipe; do
         echo "$d $init $s $r $(blr_of $init) $CROP $d/${init}_s${s}_$r"; done
     done; done; done | xargs -P "$JOBS" -L 1 bash "$SELF" one
-    $PY - "$OUT" "$SWEEP" "$SEEDS" "$DATASETS" <<'EOF' | tee "$OUT/table.md"
+    $PY - "$OUT" "$SWEEP" "$SEEDS" "$DATASETS" "$INITS" <<'EOF' | tee "$OUT/table.md"
 import glob, json, os, statistics, sys
-out, sweep, seeds, datasets = sys.argv[1], sys.argv[2], sys.argv[3].split(), sys.argv[4].split()
+out, sweep, seeds, datasets, inits = sys.argv[1], sys.argv[2], *(a.split() for a in sys.argv[3:])
 def probe(d, init, s):
     run = f"{sweep}/{'m3ae' if init == 'random' else init}_s{s}"
     name = f"probe_{d}_fast{'_random_init' if init == 'random' else ''}.json"
@@ -81,7 +83,7 @@ def ms(v):
 print("| dataset | init | fine-tune PLAIN | fine-tune mae's recipe | linear probe | seeds |")
 print("|---|---|---|---|---|---|")
 for d in datasets:
-    for init in ("m3ae", "mae", "random"):
+    for init in inits:
         col = lambda r: [json.load(open(f"{out}/{d}/{init}_s{s}_{r}.json"))["top1"] for s in seeds]
         print(f"| {d} | {init} | {ms(col('plain'))} | {ms(col('recipe'))} | "
               f"{ms([probe(d, init, s) for s in seeds])} | {' / '.join(seeds)} |")
