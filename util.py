@@ -237,11 +237,12 @@ OUTPUT_KINDS = {
 def _names_ckpt(path):
     if os.path.getsize(path) > (16 << 20):  # no result of ours is that big
         return False
-    try:
-        with open(path, encoding="utf-8") as f:
-            return "ckpt" in json.load(f)
-    except (ValueError, TypeError):
-        return False
+    with open(path, encoding="utf-8") as f:
+        try:
+            result = json.load(f)
+        except ValueError:  # not JSON, or not UTF-8
+            return False
+    return isinstance(result, dict) and "ckpt" in result
 
 
 def foreign_output(path, kind):
@@ -250,10 +251,13 @@ def foreign_output(path, kind):
     if not os.path.lexists(path):
         return None
     what, ours = OUTPUT_KINDS[kind]
-    if os.path.isfile(path):
-        with open(path, "rb") as f:
-            if ours(f.read(8), path):
-                return None
+    try:
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                if ours(f.read(8), path):
+                    return None
+    except OSError:  # unreadable: not known to be ours
+        pass
     return (f"{path} exists and is not a {what} this project wrote: not replaced (move it or "
             "choose another path)")
 

@@ -129,7 +129,8 @@ def test_an_output_replaces_only_an_earlier_output_of_its_kind(tmp_path):
     for name, kind in kinds.items():
         assert foreign_output(str(tmp_path / name), kind) is None, name
     users = {"pairs.csv": b"filepath,caption\na.jpg,a dog\n", "conf.json": b'{"lr": 1}',
-             "photo.jpg": b"\xff\xd8\xff\xe0....", "notes.txt": b"mine"}
+             "photo.jpg": b"\xff\xd8\xff\xe0....", "notes.txt": b"mine", "l.json": b'["ckpt"]',
+             "s.json": b'"ckpt"'}
     for name, body in users.items():
         (tmp_path / name).write_bytes(body)
         for kind in kinds.values():
