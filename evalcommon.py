@@ -83,6 +83,20 @@ def add_data_args(p):
       "scored on the classes they hold (the head still chooses among all the training classes)")
 
 
+def add_label_arg(p):
+    """--label, the built-in data's class: probe.py, finetune.py and zeroshot.py read it; results
+    and runs are named builtin[_colour] (EvalData.name)."""
+    p.add_argument("--label", default="shape", choices=builtin.Builtin.LABELS,
+                   help="built-in data: classify the main object's shape (10 classes) or its "
+                   "colour (11, which the captions name)")
+
+
+def check_label(p, args):
+    """--label is the built-in data's: folders label by class folder."""
+    if args.label != "shape" and (getattr(args, "train_dir", None) or args.test_dir):
+        p.error("--label picks a built-in attribute; folders label by class folder")
+
+
 def fail(p, flag, value, problem):
     """argparse's error (usage, then one line, exit 2): '--flag VALUE: problem'."""
     p.error(f"{flag} {value}: {problem}")

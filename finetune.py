@@ -22,8 +22,8 @@ Recipe (mae's ViT-B defaults; each a flag; docs/finetune.md):
   * evaluation: the centre view (probe.py's: evalcommon), top-1 (and top-5 with more than 5
     classes) of the last epoch's weights on --test-dir; the validation split (--val-fraction of the
     training images, stratified, or --val-dir) is scored each epoch, for the log; nothing is chosen
-    on test. Small data at CPU scale (32 px, a few hundred steps): see docs/finetune.md (a larger
-    --blr, --crop-pct 1, a lighter augmentation measured better there).
+    on test. Small data at CPU scale (32 px, a few hundred steps): a larger --blr, --crop-pct 1 and
+    a lighter augmentation, chosen on the validation split (docs/results.md section 1c).
 Folders, splits, the normalisation and every bad input as probe.py (evalcommon.py): one line, exit
 2.
 
@@ -55,9 +55,10 @@ import checkpoint
 import data
 import rundir
 from checkpoint import CheckpointError, pretraining_info
-from evalcommon import (add_data_args, add_encoder_args, check_paths, die, eval_data, fail,
-                        folder_name, labelled_source, load_encoder, need_classes, out_path_for,
-                        result_name, run_folder, skip_report, stratified_split, write_result)
+from evalcommon import (add_data_args, add_encoder_args, add_label_arg, check_label, check_paths,
+                        die, eval_data, fail, folder_name, labelled_source, load_encoder,
+                        need_classes, out_path_for, result_name, run_folder, skip_report,
+                        stratified_split, write_result)
 from loader import InputError, check_readable, epoch_batches, make_loader, setup
 from model import M3AE
 from train import Training, default_workers, draw_curves, finish, given_flags
@@ -140,6 +141,7 @@ def build_parser():
     a("--out", help="JSON result path; if not given, finetune_<dataset>[_random_init].json next "
       "to the checkpoint")
     add_data_args(p)  # probe.py's folder, split and view flags; the two below say what val is here
+    add_label_arg(p)
     a("--val-dir", help="ImageFolder root scored each epoch (the same class folders as "
       "--train-dir); if not given, --val-fraction of --train-dir is held out")
     a("--val-fraction", type=float, default=0.1, help="share of the training images held out "
@@ -156,7 +158,8 @@ def settings(argv=None):
     p = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
-    dataset = folder_name(args.train_dir) if args.train_dir else "builtin"
+    dataset = folder_name(args.train_dir) if args.train_dir else (
+        "builtin" + "_colour" * (args.label == "colour"))
     args.out_dir = args.out_dir or os.path.join(run_folder(args.ckpt, args.preset), f"finetune_"
                                                 f"{dataset}{'_random_init' * args.random_init}")
     if args.resume:
@@ -165,6 +168,7 @@ def settings(argv=None):
         p.error("give --ckpt (or --random-init [--preset])")
     if bool(args.train_dir) != bool(args.test_dir):
         p.error("real data needs both --train-dir and --test-dir")
+    check_label(p, args)
     if args.val_dir and not args.train_dir:
         p.error("--val-dir goes with --train-dir (the built-in data holds out --val-fraction)")
     if not 0.0 <= args.val_fraction < 1.0:

@@ -41,9 +41,10 @@ from tqdm import tqdm
 import builtin
 import data
 from checkpoint import CheckpointError, pretraining_info
-from evalcommon import (Indexed, add_data_args, add_encoder_args, check_output, check_paths, die,
-                        eval_data, fail, labelled_source, load_encoder, need_classes, out_path_for,
-                        result_name, skip_report, stratified_split, write_output, write_result)
+from evalcommon import (Indexed, add_data_args, add_encoder_args, add_label_arg, check_label,
+                        check_output, check_paths, die, eval_data, fail, labelled_source,
+                        load_encoder, need_classes, out_path_for, result_name, skip_report,
+                        stratified_split, write_output, write_result)
 from util import SeededSamples, lr_at, make_parser, mix_seed
 
 # the default grid's base lrs, lr = base_lr x batch / 256 (paper: 0.1, mae: 6.4; docs/probe.md)
@@ -99,9 +100,7 @@ def build_parser():
     a = p.add_argument
     a("--mode", default="fast", choices=["fast", "full"],
       help="fast: cached features; full: augmentation")
-    a("--label", default="shape", choices=builtin.Builtin.LABELS, help="built-in data: what to "
-      "classify, the main object's shape (10 classes) or its colour (11); results go to "
-      "probe_builtin[_colour]_<mode>.json")
+    add_label_arg(p)  # results: probe_builtin[_colour]_<mode>.json
     a("--knn-k", type=int, default=20, help="kNN neighbours")
     a("--knn-t", type=float, default=0.07, help="kNN temperature of the vote weights exp(sim / t)")
     a("--save-head", metavar="PATH", help="also save the chosen head (BatchNorm + Linear state "
@@ -116,8 +115,7 @@ def get_args(argv=None):
         p.error("give --ckpt (or --random-init [--preset])")
     if bool(args.train_dir) != bool(args.test_dir):
         p.error("real data needs both --train-dir and --test-dir")
-    if args.train_dir and args.label != "shape":
-        p.error("--label picks a built-in attribute; folders label by class folder")
+    check_label(p, args)
     check_head_args(p, args)
     check_output(p, "--save-head", args.save_head, "zip")
     check_paths(p, args, ("train", "test", "val"))

@@ -43,7 +43,8 @@ import data
 import plots
 from checkpoint import (NORMS, CheckpointError, checkpoint_data_level, checkpoint_data_seed,
                         checkpoint_norm, checkpoint_tokenizer, pretraining_info)
-from evalcommon import (check_file, check_image_folder, check_output, die, fail, folder_name,
+from evalcommon import (add_label_arg, check_file, check_image_folder, check_label, check_output,
+                        die, fail, folder_name,
                         out_path_for, read_model, run_folder, skip_report, stratified_pick,
                         write_output, write_result)
 from probe import topk_accuracy
@@ -74,8 +75,7 @@ def build_parser():
       "underscores as spaces")
     a("--templates", metavar="FILE", help="caption templates, one per line, {} where the name "
       "goes; if not given, DEFAULT_TEMPLATES (the built-in data: BUILTIN_TEMPLATES)")
-    a("--label", default="shape", choices=builtin.Builtin.LABELS,
-      help="built-in data: classify the main object's shape (10 classes) or colour (11)")
+    add_label_arg(p)
     a("--tokenizer", help="a tokenizer file (sentencepiece .model or BERT vocab.txt) when the "
       "checkpoint carries none (convert.py without --tokenizer)")
     a("--test-size", type=int, help="images; if not given, all (built-in: the split's 2000). On a "
@@ -150,9 +150,8 @@ def get_args(argv=None):
     if args.tokenizer:
         check_file(p, "--tokenizer", args.tokenizer, "a sentencepiece .model or a vocab.txt")
     check_output(p, "--out", args.out, "json")
+    check_label(p, args)
     if args.test_dir:
-        if args.label != "shape":
-            p.error("--label picks a built-in attribute; folders label by class folder")
         folders, counts = check_image_folder(p, "--test-dir", args.test_dir)
         folders = [f for f in folders if counts[f]]
         if len(folders) < 2:

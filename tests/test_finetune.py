@@ -257,6 +257,8 @@ def test_the_bad_inputs_probe_refuses_are_refused_in_one_line(tmp_path, capsys, 
          "--val-dir", "no class sub-folders"),
         (base + ["--mixup", "-1"], "--mixup", "must be"),
         (base + ["--layer-decay", "0"], "--layer-decay", "must be in (0, 1]"),
+        (base + ["--train-dir", str(good), "--test-dir", str(good), "--label", "colour"], "--label",
+         "folders label by class folder"),
     ]
     for argv, flag, problem in cases:
         line = error_line(capsys, argv + ["--out-dir", str(tmp_path / "ft")])
@@ -383,3 +385,10 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights(tmp_path):
     steps = [json.loads(line).get("step") for line in open(out / "log.jsonl")]
     assert steps == [json.loads(line).get("step") for line in open(tmp_path / "whole" /
                                                                      "log.jsonl")]
+
+
+def test_the_built_in_colour_label_is_its_own_run_and_result(tmp_path, ckpt):
+    r = finetune.main(["--ckpt", str(ckpt), *SMALL, "--epochs", "1", "--label", "colour"])
+    assert r["classes"] == 11 and r["dataset"] == "builtin_colour"
+    assert (ckpt.parent / "finetune_builtin_colour.json").exists()
+    assert (ckpt.parent / "finetune_builtin_colour" / "ckpt.pt").exists()
