@@ -64,7 +64,8 @@ def collect(sweep_dir):
     """{variant: {seed: {metric: value}}} from every SWEEP_DIR/<variant>_s<seed>/ probe_*_fast.json
     (top1<tag>, knn_top1<tag>) and ood_*.json (ood_<score><tag>), tag as result_tag says (the
     built-in shape label has none); a --recipe paper result counts where no grid result is; the
-    random-init floor from m3ae_s<seed>/*_random_init.json."""
+    random-init floor from <variant>_s<seed>/*_random_init.json (sweep.sh evaluates it beside the
+    first variant; every variant has the same encoder, so any folder's is the same floor)."""
     runs = {}
     for folder in sorted(glob.glob(os.path.join(sweep_dir, "*_s*"))):
         m = re.fullmatch(r"(.+)_s(\d+)", os.path.basename(folder))
@@ -74,8 +75,6 @@ def collect(sweep_dir):
         files = sorted((result_tag(f), f) for f in os.listdir(folder) if result_tag(f))
         for (kind, tag, recipe, random_init), fname in files:
             name = "random" if random_init else variant
-            if random_init and variant != "m3ae":
-                continue
             if recipe == "paper" and any(k[:2] == (kind, tag) and k[2] == "grid"
                                          and k[3] == random_init for k, _ in files):
                 continue  # the grid's result is the one that counts

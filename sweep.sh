@@ -26,8 +26,8 @@ SEEDS=${SEEDS:-"0 1 2"}                               # pretraining seed = probe
 VARIANTS=${VARIANTS:-"m3ae text015 paired10 paired0 mae"}   # longest first: the jobs pack better
 OUT=${OUT:-runs/sweep}
 TRAIN_ARGS=${TRAIN_ARGS:-}                            # extra train.py flags (e.g. --csv pairs.csv)
-PROBES=${PROBES:-builtin}   # builtin: the built-in shape and colour labels; else "TRAIN_DIR:TEST_DIR ..."
-OODS=${OODS:-builtin}       # builtin: held-out built-in shapes; else "TRAIN_DIR:TEST_DIR:OOD_DIR ..."
+PROBES=${PROBES-builtin}    # builtin: the built-in shape and colour labels; else "TRAIN_DIR:TEST_DIR ..."
+OODS=${OODS-builtin}        # builtin: held-out built-in shapes; else "TRAIN_DIR:TEST_DIR:OOD_DIR ..."; "": none
 EVAL_ARGS=${EVAL_ARGS:-}                              # extra flags for both probe.py and ood.py
 OOD_ARGS=${OOD_ARGS:-}                                # extra ood.py flags (e.g. --ood-size 1000)
 CORES=$(nproc)
@@ -70,19 +70,20 @@ flags() {
   esac
 }
 
-# one job: `sweep.sh run VARIANT SEED` pretrains and evaluates one run; `sweep.sh floor SEED` evaluates a
-# random-init encoder of M3AE's architecture (it reads the M3AE run's config, so it comes after those)
+# one job: `sweep.sh run VARIANT SEED` pretrains and evaluates one run; `sweep.sh floor SEED VARIANT`
+# evaluates a random-init encoder of that run's architecture (it reads the run's config, so it comes
+# after the runs; every variant has the same encoder)
 if [ "${1:-}" = run ] || [ "${1:-}" = floor ]; then
   if [ "$1" = run ]; then
     v=$2 seed=$3 name=${2}_s$3
   else
-    v=floor seed=$2 name=floor_s$2
+    v=floor seed=$2 name=floor_s$2 of=$3
   fi
   start=$SECONDS
   # chained with &&: set -e does not apply inside a group that is followed by ||
   {
     if [ "$v" = floor ]; then
-      evaluate "$OUT/m3ae_s$seed/ckpt.pt" "$seed" --random-init
+      evaluate "$OUT/${of}_s$seed/ckpt.pt" "$seed" --random-init
     else
       dir=$OUT/$name
       $PY train.py --steps "$STEPS" --seed "$seed" --out-dir "$dir" --no-probe --resume $(flags "$v") $TRAIN_ARGS &&
@@ -97,6 +98,6 @@ mkdir -p "$OUT/logs"
 echo "sweep: $STEPS steps, seeds $SEEDS, variants $VARIANTS; $JOBS jobs x $OMP_NUM_THREADS threads; logs in $OUT/logs"
 for v in $VARIANTS; do for seed in $SEEDS; do flags "$v" >/dev/null; echo "run $v $seed"; done; done \
   | xargs -P "$JOBS" -L 1 bash "$SELF"
-for seed in $SEEDS; do echo "floor $seed"; done | xargs -P "$JOBS" -L 1 bash "$SELF"
+for seed in $SEEDS; do echo "floor $seed ${VARIANTS%% *}"; done | xargs -P "$JOBS" -L 1 bash "$SELF"
 $PY sweep.py "$OUT"
 echo "sweep: done in $SECONDS s"

@@ -61,3 +61,22 @@ def test_sweep_script_runs_jobs_in_parallel_and_writes_the_table(tmp_path):
     res = subprocess.run(["bash", os.path.join(root, "sweep.sh")], env={**env, "VARIANTS": "m3ae",
                          "TRAIN_ARGS": "--no-such-flag"}, capture_output=True, text=True, timeout=600)
     assert res.returncode != 0 and "FAILED: m3ae_s0" in res.stdout
+
+
+def test_a_sweep_without_m3ae_has_its_floor_and_oods_empty_means_none(tmp_path):
+    """VARIANTS=mae alone: the floor is evaluated beside the first variant (it read m3ae_s<seed>,
+    absent, and the sweep failed); OODS="" runs no OOD (it fell back to the built-in one)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PY": sys.executable, "STEPS": "2", "SEEDS": "0", "VARIANTS": "mae",
+           "OODS": "", "OUT": str(tmp_path / "sweep"),
+           "TRAIN_ARGS": "--train-size 64 --batch-size 16 --warmup-steps 1",
+           "EVAL_ARGS": "--train-size 40 --test-size 20 --epochs 2"}
+    res = subprocess.run(["bash", os.path.join(root, "sweep.sh")], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    table = (tmp_path / "sweep" / "table.md").read_text()
+    assert "| random-init encoder (floor) | 1 |" in table
+    assert not [f for f in os.listdir(tmp_path / "sweep" / "mae_s0") if f.startswith("ood")]
