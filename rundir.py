@@ -13,8 +13,9 @@
 
 Rules: nothing is written into OUT_DIR until every input was checked (check_out_dir, then claim). A
 new run refuses an out-dir that holds another run unless told --overwrite, which then deletes the
-files a run writes (the names above and those outputs.txt lists), never a file given as an input,
-and nothing else. Only temp files with this project's mark (util.TMP_MARK) are ever removed as
+files a run writes (the names above, each with the content a run writes, and those outputs.txt
+lists), never a file given as an input, and nothing else; a file of one of those names with other
+content (a user's own config.json) refuses the out-dir whatever the flags. Only temp files with this project's mark (util.TMP_MARK) are ever removed as
 leftovers of a killed run. --resume takes every setting the user does not repeat from the run's
 record and refuses a changed "fixed" one (util.resume_merge reads the rule from each setting's
 declaration).
@@ -28,12 +29,15 @@ import os
 import torch
 
 from checkpoint import CKPT, PREV
-from util import DiskFull, is_our_tmp, write_atomic
+from util import DiskFull, foreign_output, is_our_tmp, write_atomic
 
 CONFIG, LOG, TOKENIZER, VOCAB, LOCK, OUTPUTS = ("config.json", "log.jsonl", "tokenizer.model",
                                                 "vocab.txt", ".lock", "outputs.txt")
 CURVES = "curves.png"
-RUN_FILES = (CKPT, PREV, CONFIG, LOG, TOKENIZER, VOCAB, "probe.json", CURVES, OUTPUTS)
+# the files a run writes, each with the kind its content is (util.OUTPUT_KINDS): a file of that name
+# and another content (a user's own config.json) is not the run's, and is never deleted or replaced
+RUN_FILES = {CKPT: "zip", PREV: "zip", CONFIG: "record", LOG: "jsonl", TOKENIZER: "sentencepiece",
+             VOCAB: "text", "probe.json": "record", CURVES: "png", OUTPUTS: "text"}
 
 
 class RunDirError(Exception):
@@ -45,9 +49,10 @@ class RunDirError(Exception):
 
 
 def run_files(out_dir):
-    """The files of a run present in OUT_DIR: the fixed names, and what outputs.txt lists (inside
-    OUT_DIR)."""
-    names = [n for n in RUN_FILES if os.path.isfile(os.path.join(out_dir, n))]
+    """The files of a run present in OUT_DIR: the fixed names whose content is what a run writes, and
+    what outputs.txt lists (inside OUT_DIR)."""
+    names = [n for n, kind in RUN_FILES.items() if os.path.isfile(os.path.join(out_dir, n))
+             and foreign_output(os.path.join(out_dir, n), kind) is None]
     listed = os.path.join(out_dir, OUTPUTS)
     if os.path.isfile(listed):
         root = os.path.realpath(out_dir)
@@ -69,6 +74,11 @@ def check_out_dir(out_dir, resume=False, overwrite=False):
         parent = os.path.dirname(os.path.abspath(parent))
     if not os.access(parent, os.W_OK | os.X_OK):
         raise RunDirError(f"--out-dir {out_dir}: {parent} is not writable by this user")
+    foreign = [foreign_output(os.path.join(out_dir, n), kind) for n, kind in RUN_FILES.items()]
+    foreign = [line for line in foreign if line]
+    if foreign:  # the run would write over it: refused whatever the flags
+        raise RunDirError(f"--out-dir {out_dir}: {foreign[0]}; a run writes a file of that name: "
+                          "choose another --out-dir")
     present = run_files(out_dir) if os.path.isdir(out_dir) else []
     if present and not (resume or overwrite):
         raise RunDirError(f"--out-dir {out_dir} already holds a run ({', '.join(present[:6])}): "

@@ -227,22 +227,27 @@ def disk_full(e, folder):
 # first bytes (a result JSON names its "ckpt"); never a user's other file, e.g. a CSV or a
 # checkpoint given as --out by mistake.
 OUTPUT_KINDS = {
-    "json": ("result JSON", lambda head, path: head.lstrip()[:1] == b"{" and _names_ckpt(path)),
+    "json": ("result JSON", lambda head, path: _json_keys(head, path, {"ckpt"})),
+    "record": ("run record", lambda head, path: _json_keys(head, path, {"model", "run", "args"})),
+    "jsonl": ("log", lambda head, path: head[:1] in (b"", b"{")),
+    "sentencepiece": ("sentencepiece model", lambda head, path: head[:1] == b"\n"),
+    "text": ("text file", lambda head, path: b"\0" not in head),
     "png": ("PNG", lambda head, path: head.startswith(b"\x89PNG\r\n\x1a\n")),
     "zip": ("torch.save / numpy file", lambda head, path: head.startswith(b"PK\x03\x04")),
     "pickle": ("pickle", lambda head, path: head[:1] == b"\x80"),
 }
 
 
-def _names_ckpt(path):
-    if os.path.getsize(path) > (16 << 20):  # no result of ours is that big
+def _json_keys(head, path, keys):
+    """A JSON object holding one of `keys` (a result names its "ckpt"; a run's record its "model")."""
+    if head.lstrip()[:1] != b"{" or os.path.getsize(path) > (16 << 20):  # none of ours is that big
         return False
     with open(path, encoding="utf-8") as f:
         try:
-            result = json.load(f)
+            obj = json.load(f)
         except ValueError:  # not JSON, or not UTF-8
             return False
-    return isinstance(result, dict) and "ckpt" in result
+    return isinstance(obj, dict) and bool(keys & set(obj))
 
 
 def foreign_output(path, kind):

@@ -55,7 +55,7 @@ def test_a_refused_start_touches_no_file(tmp_path, capsys):
     out = tmp_path / "x"
     out.mkdir()
     (out / "thesis.tmp.docx").write_text("draft")
-    (out / "config.json").write_text("{}")
+    (out / "config.json").write_text('{"run": {}, "model": {}}')  # a run's record
     before = listing(out)
     assert "already holds a run (config.json)" in refused(capsys, out, "--steps", "2")
     assert listing(out) == before and not (out / ".lock").exists()
@@ -94,6 +94,21 @@ def test_overwrite_checks_every_input_first_and_spares_the_users_files(tmp_path,
     assert not (tmp_path / "r" / "tokenizer.model").exists()  # the old run's tokenizer too
     ckpt = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)
     assert ckpt["tokenizer"]["kind"] == "wordpiece" and step(tmp_path / "r") == 1
+
+
+@pytest.mark.parametrize("name, body", [("config.json", b'{"lr": 0.1, "notes": "mine"}'),
+                                        ("log.jsonl", b"day 1: tried lr 0.1\n"),
+                                        ("ckpt.pt", b"my own notes"), ("curves.png", b"\xff\xd8\xff")])
+def test_a_users_file_with_a_run_files_name_is_never_replaced(tmp_path, capsys, name, body):
+    """A run file is known by its name *and* its content: a user's config.json in the out-dir was
+    called a run, and --overwrite (which the refusal suggested) deleted it."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / name).write_bytes(body)
+    for flags in ([], ["--overwrite"], ["--resume"]):
+        line = refused(capsys, out, "--steps", "2", *flags)
+        assert f"{name} exists and is not a" in line and "choose another --out-dir" in line, line
+    assert listing(out) == {name: body}
 
 
 @pytest.mark.parametrize("case", ["file", "read_only", "unwritable_fs", "train_size", "steps_below",
