@@ -107,6 +107,13 @@ class Recipe:
                              "--no-global-pool: the CLS token after the encoder's final norm")
     clip_grad: float = knob(0.0, "max grad norm; 0 = no clipping (mae)", at_least(0.0))
     # systems and bookkeeping (resume: "invocation", one command's own)
+    device: str = knob("cuda" if torch.cuda.is_available() else "cpu", "torch device", type=str,
+                       resume=ONCE)
+    workers: int = knob(default_workers(), "DataLoader workers per rank", at_least(0), resume=ONCE)
+    batch_size_features: int = knob(256, "images per forward when evaluating", at_least(1),
+                                    resume=ONCE)
+    out: str = knob(None, "JSON result path; if not given, finetune_<dataset>[_random_init].json "
+                    "next to the checkpoint", type=str, resume=ONCE)
     dtype: str = knob(None, "autocast dtype (default: bf16 on CUDA, fp32 on CPU)", type=str,
                       choices=("bf16", "fp32"), resume=ONCE)
     compile: bool = knob(None, "torch.compile (default: on CUDA)", type=bool, resume=ONCE)
@@ -124,10 +131,9 @@ class Recipe:
         check_fields(self)
 
 
-# --resume: the settings of one command (the encoder and data flags' too), those a resume may
-# change; the rest define the run
-ONCE_FLAGS = {f.name for f in fields(Recipe) if f.metadata["resume"] == ONCE} | {
-    "device", "workers", "batch_size_features", "out"}
+# --resume: the settings of one command, those a resume may change; the rest (the encoder and data
+# flags too) define the run
+ONCE_FLAGS = {f.name for f in fields(Recipe) if f.metadata["resume"] == ONCE}
 FREE_FLAGS = {f.name for f in fields(Recipe) if f.metadata["resume"] == "free"}
 
 
@@ -137,16 +143,12 @@ def build_parser():
     add_encoder_args(p, "fine-tune", "checkpoint from train.py or convert.py (official or mae "
                      "weights)", "head init, data order, augmentation, mixup, drop path, the "
                      "validation split", features=False)
-    a("--workers", type=int, default=default_workers(), help="DataLoader workers per rank")
-    a("--out", help="JSON result path; if not given, finetune_<dataset>[_random_init].json next "
-      "to the checkpoint")
     add_data_args(p)  # probe.py's folder, split and view flags; the two below say what val is here
     add_label_arg(p)
     a("--val-dir", help="ImageFolder root scored each epoch (the same class folders as "
       "--train-dir); if not given, --val-fraction of --train-dir is held out")
     a("--val-fraction", type=float, default=0.1, help="share of the training images held out "
       "(stratified by class, seeded by --seed), scored each epoch for the log; 0: train on all")
-    a("--batch-size-features", type=int, default=256, help="images per forward when evaluating")
     add_flags(p.add_argument_group("the recipe (finetune.Recipe)"), Recipe)
     p.set_defaults(cache_dir=None)  # evalcommon's checks read it; fine-tuning caches no features
     return p
@@ -173,8 +175,6 @@ def settings(argv=None):
         p.error("--val-dir goes with --train-dir (the built-in data holds out --val-fraction)")
     if not 0.0 <= args.val_fraction < 1.0:
         fail(p, "--val-fraction", args.val_fraction, "must be in [0, 1)")
-    if args.workers < 0:
-        fail(p, "--workers", args.workers, "must be >= 0")
     if args.ckpt and os.path.abspath(os.path.dirname(args.ckpt)) == os.path.abspath(args.out_dir):
         fail(p, "--out-dir", args.out_dir, "is the pretrained checkpoint's folder (a fine-tuning "
              "run needs its own)")
