@@ -669,8 +669,8 @@ def resume(t, run, env, fingerprint, notes):
     if len(ckpt["rng"]) == env.world:
         set_rng_state(ckpt["rng"][env.rank])
     # the lr policy on a changed schedule: no jump (scheduled_lr), said with the lr before and after
-    keys = ("lr", "base_lr", "batch_size", "warmup_steps", "steps", "min_lr")
-    before_run = replace(run, **{k: v for k, v in ckpt.get("args", {}).items() if k in keys})
+    free = {f.name for f in fields(Run) if f.metadata["resume"] == "free"}  # the rest is unchanged
+    before_run = replace(run, **{k: v for k, v in ckpt.get("args", {}).items() if k in free})
     before, after = scheduled_lr(t.step, before_run, t.ramp), scheduled_lr(t.step, run, t.ramp)
     if abs(before - after) > 1e-12 * max(abs(before), abs(after)) and t.step < run.steps:
         t.ramp = [t.step, before]
