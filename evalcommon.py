@@ -35,9 +35,10 @@ ENCODER_CKPT_HELP = "checkpoint file from train.py or convert.py (a dict with 'm
 
 def add_encoder_args(p, verb="evaluate", ckpt=ENCODER_CKPT_HELP,
                      seeded="head init, shuffling, the validation split", features=True):
-    """The encoder's flags: which checkpoint (or a random-init one), the seed, the device; with
-    features=True also how features are extracted and cached, and where the JSON goes (probe.py,
-    ood.py; finetune.py says its own). verb, ckpt, seeded: the script's words in the help."""
+    """The encoder's flags: which checkpoint (or a random-init one), the seed; with features=True
+    also the device, how features are extracted and cached, and where the JSON goes (probe.py,
+    ood.py; finetune.py declares those in its Recipe). verb, ckpt, seeded: the script's words in
+    the help."""
     a = p.add_argument
     a("--ckpt", help=f"{ckpt}; if not given, --random-init with --preset's architecture")
     a("--random-init", action="store_true", help=f"{verb} an untrained encoder (the floor): the "
@@ -45,9 +46,9 @@ def add_encoder_args(p, verb="evaluate", ckpt=ENCODER_CKPT_HELP,
     a("--preset", default="tiny", choices=list(PRESETS), help="architecture for --random-init "
       "without --ckpt")
     a("--seed", type=int, default=0, help=f"{seeded} (and the weights under --random-init)")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     if not features:
         return
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     a("--batch-size-features", type=int, default=256, help="images per encoder forward when "
       "extracting")
     a("--workers", type=int, default=0, help="DataLoader workers")
@@ -89,6 +90,11 @@ def add_label_arg(p):
     p.add_argument("--label", default="shape", choices=builtin.Builtin.LABELS,
                    help="built-in data: classify the main object's shape (10 classes) or its "
                    "colour (11, which the captions name)")
+
+
+def builtin_name(label):
+    """The built-in data's name in result and run names: builtin, or builtin_colour."""
+    return "builtin" + ("_colour" if label == "colour" else "")
 
 
 def check_label(p, args):
@@ -386,7 +392,7 @@ class EvalData:
         """The in-distribution dataset's name: the training folder's, or builtin[_colour]."""
         if self.real:
             return folder_name(self.folders["train"])
-        return "builtin" + ("_colour" if self.label == "colour" else "")
+        return builtin_name(self.label)
 
 
 def eval_data(args, ckpt, splits=("train", "test", "val")):

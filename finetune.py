@@ -55,10 +55,10 @@ import checkpoint
 import data
 import rundir
 from checkpoint import CheckpointError, pretraining_info
-from evalcommon import (add_data_args, add_encoder_args, add_label_arg, check_label, check_paths,
-                        die, eval_data, fail, folder_name, labelled_source, load_encoder,
-                        need_classes, out_path_for, result_name, run_folder, skip_report,
-                        stratified_split, write_result)
+from evalcommon import (add_data_args, add_encoder_args, add_label_arg, builtin_name, check_label,
+                        check_paths, die, eval_data, fail, folder_name, labelled_source,
+                        load_encoder, need_classes, out_path_for, result_name, run_folder,
+                        skip_report, stratified_split, write_result)
 from loader import InputError, check_readable, epoch_batches, make_loader, setup
 from model import M3AE
 from train import Training, default_workers, draw_curves, finish, given_flags
@@ -160,8 +160,7 @@ def settings(argv=None):
     p = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
-    dataset = folder_name(args.train_dir) if args.train_dir else (
-        "builtin" + "_colour" * (args.label == "colour"))
+    dataset = folder_name(args.train_dir) if args.train_dir else builtin_name(args.label)
     args.out_dir = args.out_dir or os.path.join(run_folder(args.ckpt, args.preset), f"finetune_"
                                                 f"{dataset}{'_random_init' * args.random_init}")
     if args.resume:

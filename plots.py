@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import rundir
-from util import write_atomic
+from util import foreign_output, make_parser, write_atomic
 
 # a colour per series or class: distinguishable, and readable on white (Tableau 10)
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
@@ -329,8 +329,6 @@ def tsne_figure(ckpts, test_dir, size=1000, seed=0):
 
 
 def main(argv=None):
-    from util import foreign_output, make_parser
-
     p = make_parser(__doc__, prog="plots.py")
     sub = p.add_subparsers(dest="what", required=True)
     c = sub.add_parser("curves", help="training curves of one or more runs, overlaid")

@@ -15,10 +15,10 @@ Rules: nothing is written into OUT_DIR until every input was checked (check_out_
 new run refuses an out-dir that holds another run unless told --overwrite, which then deletes the
 files a run writes (the names above, each with the content a run writes, and those outputs.txt
 lists), never a file given as an input, and nothing else; a file of one of those names with other
-content (a user's own config.json) refuses the out-dir whatever the flags. Only temp files with this project's mark (util.TMP_MARK) are ever removed as
-leftovers of a killed run. --resume takes every setting the user does not repeat from the run's
-record and refuses a changed "fixed" one (util.resume_merge reads the rule from each setting's
-declaration).
+content (a user's own config.json) refuses the out-dir whatever the flags. Only temp files with this
+project's mark (util.TMP_MARK) are ever removed as leftovers of a killed run. --resume takes every
+setting the user does not repeat from the run's record and refuses a changed "fixed" one
+(util.resume_merge reads the rule from each setting's declaration).
 """
 
 import fcntl
@@ -49,8 +49,8 @@ class RunDirError(Exception):
 
 
 def run_files(out_dir):
-    """The files of a run present in OUT_DIR: the fixed names whose content is what a run writes, and
-    what outputs.txt lists (inside OUT_DIR)."""
+    """The files of a run present in OUT_DIR: the fixed names whose content is what a run writes,
+    and what outputs.txt lists (inside OUT_DIR)."""
     names = [n for n, kind in RUN_FILES.items() if os.path.isfile(os.path.join(out_dir, n))
              and foreign_output(os.path.join(out_dir, n), kind) is None]
     listed = os.path.join(out_dir, OUTPUTS)

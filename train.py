@@ -819,8 +819,7 @@ def end_of_run_check(model, tokenizer, probe_sets, run, step):
         print(f"text grounding: masked-word cross-entropy {own:.3f} beside its own image, "
               f"{other:.3f} beside another's (1000 held-out pairs; equal = the text ignores the "
               f"image)")
-    write_atomic(os.path.join(run.out_dir, "probe.json"), lambda f: json.dump(result, f),
-                            mode="w")
+    write_atomic(os.path.join(run.out_dir, "probe.json"), lambda f: json.dump(result, f), mode="w")
     return result
 
 

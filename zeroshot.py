@@ -43,10 +43,9 @@ import data
 import plots
 from checkpoint import (NORMS, CheckpointError, checkpoint_data_level, checkpoint_data_seed,
                         checkpoint_norm, checkpoint_tokenizer, pretraining_info)
-from evalcommon import (add_label_arg, check_file, check_image_folder, check_label, check_output,
-                        die, fail, folder_name,
-                        out_path_for, read_model, run_folder, skip_report, stratified_pick,
-                        write_output, write_result)
+from evalcommon import (add_label_arg, builtin_name, check_file, check_image_folder, check_label,
+                        check_output, die, fail, folder_name, out_path_for, read_model, run_folder,
+                        skip_report, stratified_pick, write_output, write_result)
 from probe import topk_accuracy
 from util import make_parser, mix_seed
 
@@ -341,9 +340,9 @@ def test_source(args, ckpt, image_size):
         names = [list(builtin.SHAPE_WORDS[c]) for c in source.classes]
     else:
         names = [list(builtin.COLOURS[c][0]) for c in source.classes]
-    dataset = "builtin" + ("_colour" if args.label == "colour" else "")
     return source, list(source.classes), names, "built-in test split", dict(
-        data="builtin", folders=None, dataset=dataset, data_seed=seed, data_level=level,
+        data="builtin", folders=None, dataset=builtin_name(args.label), data_seed=seed,
+        data_level=level,
         label=args.label)
 
 
